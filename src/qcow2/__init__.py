@@ -1,0 +1,73 @@
+"""qcow2: a pure-Python implementation of the QEMU qcow2 and qcow (v1) image formats.
+
+    import qcow2
+    with qcow2.open("disk.qcow2") as img:
+        data = img.read(0, 4096)
+        for e in img.extents():
+            ...
+"""
+
+from __future__ import annotations
+
+from .engine.device import BlockDevice, Extent
+from .engine.open import Policy, path_combine
+from .errors import (
+    BackingChainError,
+    BadPassphraseError,
+    CorruptImageError,
+    EncryptionError,
+    ImageLimitError,
+    InvalidImageError,
+    MetadataOverlapError,
+    NotFoundError,
+    OutOfRangeError,
+    Qcow2Error,
+    ReadOnlyImageError,
+    UnsupportedFeatureError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackingChainError",
+    "BadPassphraseError",
+    "BlockDevice",
+    "CorruptImageError",
+    "EncryptionError",
+    "Extent",
+    "ImageLimitError",
+    "InvalidImageError",
+    "MetadataOverlapError",
+    "NotFoundError",
+    "OutOfRangeError",
+    "Policy",
+    "Qcow2Error",
+    "ReadOnlyImageError",
+    "UnsupportedFeatureError",
+    "__version__",
+    "open",
+    "path_combine",
+]
+
+
+def open(path: str, fmt: str | None = None, readonly: bool = True, *,
+         snapshot: str | None = None, backing_policy: Policy = "beside",
+         open_backing: bool = True, data_file: str | None = None,
+         l2_cache_size: int | None = None) -> BlockDevice:
+    """Open an image (qcow2, qcow or raw; probed unless `fmt` is given) with its backing chain.
+
+    backing_policy: which backing/data files the image may make us open: "beside" (default:
+    only files inside the image's own directory), "follow" (any, like QEMU), "never", or a
+    callable (path, kind, referrer) -> bool. open_backing=False ignores the backing file
+    (unallocated ranges read as zeros), like qemu-img info. snapshot: read an internal
+    snapshot's content instead of the active layer (ID first, then name).
+    """
+    from .engine.open import open_image
+
+    if not readonly:
+        from .errors import ReadOnlyImageError as _RO
+
+        raise _RO("writing is not implemented yet; open with readonly=True")
+    return open_image(path, fmt, readonly, snapshot=snapshot, backing_policy=backing_policy,
+                      open_backing=open_backing, data_file=data_file,
+                      l2_cache_size=l2_cache_size)

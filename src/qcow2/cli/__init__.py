@@ -1,0 +1,1 @@
+"""The qemu-img compatible command line: argv parsing, output rendering, exit statuses."""

@@ -1,0 +1,81 @@
+"""Entry point of the `qcow2` command: dispatch to one module per subcommand, map errors.
+
+Subcommand modules are imported lazily so that `qcow2 info` starts fast. Each module has
+`add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import NoReturn
+
+PROG = "qcow2"
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("qcow2.cli.info", "show information about an image"),
+    "map": ("qcow2.cli.map", "dump the metadata of an image"),
+    "convert": ("qcow2.cli.convert", "convert an image to another format"),
+    "compare": ("qcow2.cli.compare", "check whether two images have the same content"),
+}
+
+
+class UsageError(Exception):
+    """Bad command line: printed as `qcow2: <msg>`, exit 1 (as qemu-img)."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse with qemu-img's reaction to bad usage: one line on stderr, exit 1."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def error_line(message: str) -> None:
+    sys.stderr.write(f"{PROG}: {message}\n")
+
+
+def usage() -> str:
+    lines = [f"usage: {PROG} COMMAND [options]", "", "Commands:"]
+    for name, (_, text) in COMMANDS.items():
+        lines.append(f"  {name:<10} {text}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if not args_in:
+        error_line("Not enough arguments")
+        sys.stderr.write(f"Try '{PROG} --help' for more information\n")
+        return 1
+    cmd = args_in[0]
+    if cmd in ("-h", "--help", "help"):
+        sys.stdout.write(usage())
+        return 0
+    if cmd in ("-V", "--version"):
+        from .. import __version__
+
+        sys.stdout.write(f"{PROG} version {__version__}\n")
+        return 0
+    if cmd not in COMMANDS:
+        error_line(f"Command not found: {cmd}")
+        return 1
+    module = importlib.import_module(COMMANDS[cmd][0])
+    parser = ArgParser(prog=f"{PROG} {cmd}", description=COMMANDS[cmd][1])
+    module.add_arguments(parser)
+    try:
+        args = parser.parse_args(args_in[1:])
+        return int(module.run(args))
+    except UsageError as e:
+        error_line(str(e))
+        return 1
+    except BrokenPipeError:
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def entry() -> NoReturn:
+    sys.exit(main())

@@ -1,0 +1,495 @@
+"""Qcow2Image: open and validate a qcow2 image, translate guest ranges to host runs, read.
+
+The mapping core `_map_runs()` walks L1 -> L2 and yields runs of one subcluster type, merging
+host-contiguous clusters so that reads become one pread per run. `layer_status()` (map,
+extents) and `_read_layer()` (reads) are both built on it.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from array import array
+from collections.abc import Iterator
+from sys import byteorder
+from typing import TYPE_CHECKING, Any
+
+from ..errors import (
+    CorruptImageError,
+    EncryptionError,
+    ImageLimitError,
+    InvalidImageError,
+    NotFoundError,
+    ReadOnlyImageError,
+    UnsupportedFeatureError,
+)
+from ..format import constants as C
+from ..format.bitmap import BitmapDirEntry, parse_bitmap_directory
+from ..format.entries import CompressedLayout, SubclusterType
+from ..format.header import Header, HeaderExtensions, parse_extensions, unsupported_features_message
+from ..format.refcount import get_refcount
+from ..format.snapshot import SnapshotEntry, parse_snapshot_table
+from ..io import ByteStore
+from .cache import TableCache
+from .device import (
+    STATUS_DATA,
+    STATUS_OFFSET_VALID,
+    STATUS_ZERO,
+    BlockDevice,
+    LayerRun,
+    zero_fill,
+)
+
+if TYPE_CHECKING:
+    pass
+
+DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
+
+SC = SubclusterType
+_UNALLOC_PLAIN = int(SC.UNALLOCATED_PLAIN)
+_UNALLOC_ALLOC = int(SC.UNALLOCATED_ALLOC)
+_ZERO_PLAIN = int(SC.ZERO_PLAIN)
+_ZERO_ALLOC = int(SC.ZERO_ALLOC)
+_NORMAL = int(SC.NORMAL)
+_COMPRESSED = int(SC.COMPRESSED)
+_HOST_KINDS = (_NORMAL, _ZERO_ALLOC, _UNALLOC_ALLOC)
+
+
+def _u64_table(data: bytes) -> array[int]:
+    t = array("Q")
+    t.frombytes(data)
+    if byteorder == "little":
+        t.byteswap()
+    return t
+
+
+class Qcow2Image(BlockDevice):
+    """One qcow2 layer. Create it with qcow2.open(), which also opens backing and data files."""
+
+    format_name = "qcow2"
+
+    def __init__(self, store: ByteStore, filename: str, *, readonly: bool = True,
+                 l2_cache_size: int | None = None, check_mode: bool = False) -> None:
+        self.store = store
+        self.filename = filename
+        self.readonly = readonly
+        self.backing: BlockDevice | None = None
+        self.data_store: ByteStore = store
+        self.data_file_name: str | None = None  # from the header extension
+        self._closed = False
+        first = store.pread(0, 4096)
+        cbits = int.from_bytes(first[20:24], "big")
+        if C.MIN_CLUSTER_BITS <= cbits <= C.MAX_CLUSTER_BITS and cbits > 12:
+            first = store.pread(0, 1 << cbits)
+        h = Header.parse(first)
+        self.header = h
+        # Unknown incompatible features are reported before any other check, with names
+        # taken from the feature table when the image has one.
+        if h.incompatible_features & ~C.QCOW2_INCOMPAT_MASK:
+            cs_guess = 1 << h.cluster_bits if C.MIN_CLUSTER_BITS <= h.cluster_bits <= 21 else 0
+            table = None
+            if cs_guess:
+                try:
+                    table = parse_extensions(store.pread(0, cs_guess), h, strict=False).feature_table
+                except InvalidImageError:
+                    table = None
+            raise UnsupportedFeatureError(
+                unsupported_features_message(h.incompatible_features, table))
+        h.validate()
+        if h.incompatible_features & C.QCOW2_INCOMPAT_CORRUPT and not readonly and not check_mode:
+            raise ReadOnlyImageError("qcow2: Image is corrupt; cannot be opened read/write")
+        cs = h.cluster_size
+        self.cluster_size = cs
+        self.cluster_bits = h.cluster_bits
+        self.extended_l2 = h.extended_l2
+        self.l2_bits = h.l2_bits
+        self.l2_entries = 1 << h.l2_bits
+        self.subclusters_per_cluster = C.QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER if h.extended_l2 else 1
+        self.subcluster_bits = h.cluster_bits - (5 if h.extended_l2 else 0)
+        self.subcluster_size = 1 << self.subcluster_bits
+        self.virtual_size = h.size
+        self.compressed_layout = CompressedLayout(h.cluster_bits)
+        self.cluster0 = store.pread(0, cs)
+        self.extensions: HeaderExtensions = parse_extensions(self.cluster0, h)
+        if h.crypt_method:
+            method = "AES" if h.crypt_method == C.QCOW_CRYPT_AES else "LUKS"
+            raise EncryptionError(
+                f"{method}-encrypted images are not supported yet (encryption not supported yet)")
+        self.backing_file: str | None = None
+        if h.backing_file_offset:
+            n = h.backing_file_size
+            if n > min(C.QCOW_MAX_BACKING_FILE_NAME, cs - h.backing_file_offset):
+                raise InvalidImageError("Backing file name too long")
+            raw = self.cluster0[h.backing_file_offset:h.backing_file_offset + n]
+            self.backing_file = raw.decode("utf-8", "replace")
+        self.backing_format = self.extensions.backing_format
+        self.has_data_file = bool(h.incompatible_features & C.QCOW2_INCOMPAT_DATA_FILE)
+        self.data_file_raw = bool(h.autoclear_features & C.QCOW2_AUTOCLEAR_DATA_FILE_RAW)
+        if self.data_file_raw and not self.has_data_file:
+            raise InvalidImageError("data-file-raw requires a data file")
+        self.data_file_name = self.extensions.data_file
+        self.dirty = bool(h.incompatible_features & C.QCOW2_INCOMPAT_DIRTY)
+        self.corrupt = bool(h.incompatible_features & C.QCOW2_INCOMPAT_CORRUPT)
+        self.l1_table = self._read_l1(h.l1_table_offset, h.l1_size)
+        self.l1_size = h.l1_size
+        self.l2_cache = TableCache(cs, l2_cache_size or DEFAULT_L2_CACHE_BYTES, self._load_l2)
+        self._zlib_cache_key: int | None = None
+        self._zlib_cache_val = b""
+        self.snapshots: list[SnapshotEntry] = self._read_snapshots()
+        self.bitmaps: list[BitmapDirEntry] = self._read_bitmaps()
+        self._refblock_cache: dict[int, bytes] = {}
+        self._metadata_prealloc: bool | None = None
+        self.loaded_snapshot: SnapshotEntry | None = None
+
+    # ------------------------------------------------------------------ open helpers
+    def _read_l1(self, offset: int, size: int) -> array[int]:
+        if size == 0:
+            return array("Q")
+        return _u64_table(self.store.pread(offset, size * 8))
+
+    def _read_snapshots(self) -> list[SnapshotEntry]:
+        h = self.header
+        if not h.nb_snapshots:
+            return []
+        avail = max(0, self.store.size() - h.snapshots_offset)
+        # Bounded by QEMU's table limit (64 MiB) plus alignment padding of every entry.
+        want = min(avail, C.QCOW_MAX_SNAPSHOTS_TABLE_BYTES + 8 * h.nb_snapshots)
+        data = self.store.pread(h.snapshots_offset, want)
+        return parse_snapshot_table(data, h.nb_snapshots, h.snapshots_offset)
+
+    def _read_bitmaps(self) -> list[BitmapDirEntry]:
+        bm = self.extensions.bitmaps
+        if bm is None:
+            return []
+        data = self.store.pread(bm.bitmap_directory_offset, bm.bitmap_directory_size)
+        return parse_bitmap_directory(data, bm.nb_bitmaps)
+
+    def _load_l2(self, l2_offset: int) -> array[int]:
+        return _u64_table(self.store.pread(l2_offset, self.cluster_size))
+
+    def load_snapshot(self, name_or_id: str) -> None:
+        """Make reads see an internal snapshot (read-only), like `qemu-img convert -l`.
+
+        The ID is tried first, then the name; the virtual size stays the current one.
+        """
+        sn = self.find_snapshot(name_or_id)
+        if not self.readonly:
+            raise ReadOnlyImageError("a snapshot can only be loaded into a read-only image")
+        if sn.l1_size > C.QCOW_MAX_L1_SIZE // 8:
+            raise ImageLimitError("Snapshot L1 table too large")
+        if sn.l1_table_offset & (self.cluster_size - 1) or (
+                C.INT64_MAX - sn.l1_size * 8 < sn.l1_table_offset):
+            raise InvalidImageError("Snapshot L1 table offset invalid")
+        self.l1_table = self._read_l1(sn.l1_table_offset, sn.l1_size)
+        self.l1_size = sn.l1_size
+        self.l2_cache.clear()
+        self.loaded_snapshot = sn
+
+    def find_snapshot(self, name_or_id: str) -> SnapshotEntry:
+        for sn in self.snapshots:
+            if sn.id_str == name_or_id:
+                return sn
+        for sn in self.snapshots:
+            if sn.name == name_or_id:
+                return sn
+        raise NotFoundError(f"Can't find snapshot '{name_or_id}'")
+
+    # ------------------------------------------------------------------ refcounts (read)
+    def get_refcount(self, cluster_index: int) -> int:
+        h = self.header
+        per_block_bits = h.cluster_bits + 3 - h.refcount_order
+        rt_index = cluster_index >> per_block_bits
+        if rt_index >= h.refcount_table_clusters * self.cluster_size // 8:
+            return 0
+        block = self._refblock_cache.get(rt_index)
+        if block is None:
+            raw = self.store.pread(h.refcount_table_offset + rt_index * 8, 8)
+            entry = int.from_bytes(raw, "big") & C.REFT_OFFSET_MASK
+            block = self.store.pread(entry, self.cluster_size) if entry else b""
+            if len(self._refblock_cache) > 64:
+                self._refblock_cache.clear()
+            self._refblock_cache[rt_index] = block
+        if not block:
+            return 0
+        return get_refcount(block, cluster_index & ((1 << per_block_bits) - 1), h.refcount_order)
+
+    def _detect_metadata_preallocation(self) -> bool:
+        # qcow2_detect_metadata_preallocation(): many more refcounted clusters than the file
+        # physically holds means the L2 tables map clusters that were never written.
+        cs = self.cluster_size
+        file_length = self.store.size()
+        real_clusters = self.store.allocated_size() // cs
+        threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+        end_cluster = (file_length + cs - 1) // cs
+        count = 0
+        i = 0
+        while i < end_cluster and count < threshold:
+            count += 1 if self.get_refcount(i) else 0
+            i += 1
+        return count >= threshold
+
+    # ------------------------------------------------------------------ mapping core
+    def _l2_offset(self, l1_index: int) -> int:
+        if l1_index >= self.l1_size:
+            return 0
+        entry = self.l1_table[l1_index]
+        off = entry & C.L1E_OFFSET_MASK
+        if off and off & (self.cluster_size - 1):
+            raise CorruptImageError(
+                f"L2 table offset {off:#x} unaligned (L1 index: {l1_index:#x})", offset=off)
+        return off
+
+    def _bad_entry(self, msg: str, l2_off: int, idx: int) -> CorruptImageError:
+        return CorruptImageError(f"{msg} (L2 offset: {l2_off:#x}, L2 index: {idx:#x})",
+                                 offset=l2_off)
+
+    def _map_runs(self, start: int, length: int) -> Iterator[tuple[int, int, int, int | None]]:
+        """(guest_start, length, SubclusterType, host offset or compressed L2 entry) runs."""
+        cbits = self.cluster_bits
+        cs = self.cluster_size
+        l2_bits = self.l2_bits
+        l2_mask = self.l2_entries - 1
+        ext = self.extended_l2
+        has_df = self.has_data_file
+        v2 = self.header.version < 3
+        end = start + length
+        pos = start
+        p_start = p_len = 0
+        p_kind = -1
+        p_host: int | None = None
+        while pos < end:
+            cluster = pos >> cbits
+            l1_index = cluster >> l2_bits
+            chunk_end = min(end, (l1_index + 1) << (l2_bits + cbits))
+            l2_off = self._l2_offset(l1_index)
+            if not l2_off:
+                runs: Any = ((pos, chunk_end - pos, _UNALLOC_PLAIN, None),)
+            else:
+                table = self.l2_cache.get(l2_off)
+                if ext:
+                    runs = self._ext_runs(table, l2_off, pos, chunk_end)
+                else:
+                    runs = self._std_runs(table, l2_off, pos, chunk_end, has_df, v2)
+            for r_start, r_len, kind, host in runs:
+                if (kind == p_kind and kind != _COMPRESSED and
+                        (host is None if p_host is None else host == p_host + p_len)):
+                    p_len += r_len
+                    continue
+                if p_kind >= 0:
+                    yield p_start, p_len, p_kind, p_host
+                p_start, p_len, p_kind, p_host = r_start, r_len, kind, host
+            pos = chunk_end
+        if p_kind >= 0:
+            yield p_start, p_len, p_kind, p_host
+
+    def _std_runs(self, table: array[int], l2_off: int, pos: int, chunk_end: int,
+                  has_df: bool, v2: bool) -> Iterator[tuple[int, int, int, int | None]]:
+        cbits = self.cluster_bits
+        cs = self.cluster_size
+        mask = self.l2_entries - 1
+        while pos < chunk_end:
+            cl = pos >> cbits
+            idx = cl & mask
+            n = min(chunk_end, (cl + 1) << cbits) - pos
+            e = table[idx]
+            off = e & C.L2E_OFFSET_MASK
+            if e & C.QCOW_OFLAG_COMPRESSED:
+                if has_df:
+                    raise self._bad_entry("Compressed cluster entry found in image with "
+                                          "external data file", l2_off, idx)
+                yield pos, n, _COMPRESSED, e
+            elif e & C.QCOW_OFLAG_ZERO:
+                if v2:
+                    raise self._bad_entry("Zero cluster entry found in pre-v3 image", l2_off, idx)
+                if off:
+                    yield pos, n, _ZERO_ALLOC, off + (pos & (cs - 1))
+                else:
+                    yield pos, n, _ZERO_PLAIN, None
+            elif off or (has_df and e & C.QCOW_OFLAG_COPIED):
+                if off & (cs - 1):
+                    raise self._bad_entry(f"Cluster allocation offset {off:#x} unaligned",
+                                          l2_off, idx)
+                if has_df and off != cl << cbits:
+                    raise self._bad_entry(
+                        f"External data file host cluster offset {off:#x} does not match "
+                        f"guest cluster offset: {cl << cbits:#x}", l2_off, idx)
+                yield pos, n, _NORMAL, off + (pos & (cs - 1))
+            else:
+                yield pos, n, _UNALLOC_PLAIN, None
+            pos += n
+
+    def _ext_runs(self, table: array[int], l2_off: int, pos: int, chunk_end: int
+                  ) -> Iterator[tuple[int, int, int, int | None]]:
+        cbits = self.cluster_bits
+        cs = self.cluster_size
+        scbits = self.subcluster_bits
+        mask = self.l2_entries - 1
+        has_df = self.has_data_file
+        while pos < chunk_end:
+            cl = pos >> cbits
+            idx = cl & mask
+            cl_end = min(chunk_end, (cl + 1) << cbits)
+            e = table[2 * idx]
+            bitmap = table[2 * idx + 1]
+            off = e & C.L2E_OFFSET_MASK
+            if e & C.QCOW_OFLAG_COMPRESSED:
+                if bitmap:
+                    raise self._bad_entry("Invalid cluster entry found", l2_off, idx)
+                yield pos, cl_end - pos, _COMPRESSED, e
+                pos = cl_end
+                continue
+            allocated = bool(off) or bool(has_df and e & C.QCOW_OFLAG_COPIED)
+            if allocated and off & (cs - 1):
+                raise self._bad_entry(f"Cluster allocation offset {off:#x} unaligned",
+                                      l2_off, idx)
+            if allocated and has_df and off != cl << cbits:
+                raise self._bad_entry(
+                    f"External data file host cluster offset {off:#x} does not match "
+                    f"guest cluster offset: {cl << cbits:#x}", l2_off, idx)
+            alloc_bits = bitmap & 0xFFFFFFFF
+            zero_bits = bitmap >> 32
+            if alloc_bits & zero_bits or (not allocated and alloc_bits):
+                raise self._bad_entry("Invalid cluster entry found", l2_off, idx)
+            base = cl << cbits
+            while pos < cl_end:
+                sc = (pos - base) >> scbits
+                bit = 1 << sc
+                if zero_bits & bit:
+                    kind = _ZERO_ALLOC if allocated else _ZERO_PLAIN
+                elif alloc_bits & bit:
+                    kind = _NORMAL
+                else:
+                    kind = _UNALLOC_ALLOC if allocated else _UNALLOC_PLAIN
+                # extend over following subclusters of the same kind
+                sc_end = sc + 1
+                while sc_end < 32 and ((zero_bits >> sc_end) & 1, (alloc_bits >> sc_end) & 1) == (
+                        (zero_bits >> sc) & 1, (alloc_bits >> sc) & 1):
+                    sc_end += 1
+                stop = min(cl_end, base + (sc_end << scbits))
+                host = off + (pos - base) if (allocated and kind in _HOST_KINDS) else None
+                yield pos, stop - pos, kind, host
+                pos = stop
+
+    # ------------------------------------------------------------------ BlockDevice
+    def layer_status(self, start: int, length: int) -> Iterator[LayerRun]:
+        store = self.data_store
+        recurse = False
+        if self._metadata_prealloc is None:
+            self._metadata_prealloc = self._detect_metadata_preallocation()
+        recurse = self._metadata_prealloc
+        for r_start, r_len, kind, host in self._map_runs(start, length):
+            if kind == _NORMAL:
+                assert host is not None
+                if recurse:
+                    yield from self._recurse_status(r_start, r_len, host)
+                else:
+                    yield LayerRun(r_start, r_len, STATUS_DATA | STATUS_OFFSET_VALID, host, store)
+            elif kind == _COMPRESSED:
+                yield LayerRun(r_start, r_len, STATUS_DATA)
+            elif kind == _ZERO_ALLOC:
+                yield LayerRun(r_start, r_len, STATUS_ZERO | STATUS_OFFSET_VALID, host, store)
+            elif kind == _ZERO_PLAIN:
+                yield LayerRun(r_start, r_len, STATUS_ZERO)
+            elif kind == _UNALLOC_ALLOC:
+                yield LayerRun(r_start, r_len, STATUS_OFFSET_VALID, host, store)
+            else:
+                yield LayerRun(r_start, r_len, 0)
+
+    def _recurse_status(self, start: int, length: int, host: int) -> Iterator[LayerRun]:
+        # BDRV_BLOCK_RECURSE: ask the host file which parts of a preallocated run are holes.
+        store = self.data_store
+        fsize = store.size()
+        pos = 0
+        while pos < length:
+            h = host + pos
+            if h >= fsize:
+                yield LayerRun(start + pos, length - pos,
+                               STATUS_DATA | STATUS_ZERO | STATUS_OFFSET_VALID, h, store)
+                return
+            nd = store.next_data(h)
+            if nd > h:
+                n = min(length - pos, nd - h)
+                yield LayerRun(start + pos, n, STATUS_DATA | STATUS_ZERO | STATUS_OFFSET_VALID,
+                               h, store)
+            else:
+                nh = store.next_hole(h)
+                if nh <= h:
+                    nh = fsize
+                n = min(length - pos, ((nh + 511) & ~511) - h)
+                yield LayerRun(start + pos, n, STATUS_DATA | STATUS_OFFSET_VALID, h, store)
+            pos += n
+
+    def _read_layer(self, offset: int, view: memoryview) -> None:
+        cs = self.cluster_size
+        for r_start, r_len, kind, host in self._map_runs(offset, len(view)):
+            sub = view[r_start - offset:r_start - offset + r_len]
+            if kind == _NORMAL:
+                assert host is not None
+                self.data_store.readinto(host, sub)
+            elif kind in (_ZERO_PLAIN, _ZERO_ALLOC):
+                zero_fill(sub)
+            elif kind == _COMPRESSED:
+                assert host is not None
+                data = self._decompress(host)
+                in_cl = r_start & (cs - 1)
+                sub[:] = data[in_cl:in_cl + r_len]
+            else:
+                self.read_backing_or_zero(r_start, sub)
+
+    def _decompress(self, entry: int) -> bytes:
+        if entry == self._zlib_cache_key:
+            return self._zlib_cache_val
+        coffset, csize = self.compressed_layout.decode(entry)
+        cs = self.cluster_size
+        raw = self.store.pread(coffset, csize)
+        if self.header.compression_type == C.QCOW2_COMPRESSION_TYPE_ZSTD:
+            out = _zstd_decompress(raw, cs)
+        else:
+            try:
+                d = zlib.decompressobj(-12)
+                out = d.decompress(raw, cs)
+            except zlib.error:
+                out = b""
+        if len(out) != cs:
+            raise CorruptImageError(
+                f"Could not decompress the compressed cluster at host offset {coffset:#x}",
+                offset=coffset, fatal=False)
+        self._zlib_cache_key = entry
+        self._zlib_cache_val = out
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.data_store is not self.store:
+            self.data_store.close()
+        self.store.close()
+        super().close()
+
+    @property
+    def actual_size(self) -> int:
+        return self.store.allocated_size()
+
+    def is_v3(self) -> bool:
+        return self.header.version >= 3
+
+    def file_length(self) -> int:
+        return os.fstat(self.store.fd).st_size if hasattr(self.store, "fd") else self.store.size()
+
+
+def _zstd_decompress(data: bytes, cluster_size: int) -> bytes:
+    """Stream-decompress until a whole cluster is produced (QEMU accepts extra frames/trailing bytes)."""
+    import zstandard
+
+    out = bytearray()
+    rest = data
+    dctx = zstandard.ZstdDecompressor()
+    while len(out) < cluster_size and rest:
+        obj = dctx.decompressobj()
+        try:
+            out += obj.decompress(rest)
+        except zstandard.ZstdError:
+            break
+        rest = obj.unused_data
+    return bytes(out[:cluster_size]) if len(out) >= cluster_size else bytes(out)

@@ -1,0 +1,163 @@
+"""Opening images: format probing, backing chains and external data files, and the policy that
+decides which files an image may make us open.
+
+A crafted image can name any path as its backing or data file (`/etc/shadow`, a device). The
+library default, "beside", only follows names that resolve inside the directory of the image
+that names them: chains built the usual way keep working, and a hostile image cannot make a
+server read arbitrary files. "follow" behaves like QEMU (the CLI uses it, as qemu-img does),
+"never" refuses any backing/data file, and a callable decides per path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Literal
+
+from ..errors import BackingChainError, InvalidImageError, Qcow2Error
+from ..format import constants as C
+from ..io import ByteStore, FileStore
+from .device import BlockDevice
+from .image import Qcow2Image
+from .raw import RawImage
+
+PolicyFn = Callable[[str, str, str], bool]
+Policy = Literal["follow", "beside", "never"] | PolicyFn
+MAX_BACKING_DEPTH = 64  # QEMU has no limit and recurses until it runs out of descriptors
+
+FORMATS = ("qcow2", "qcow", "raw")
+
+
+def path_combine(base_path: str, filename: str) -> str:
+    """QEMU's path_combine(): a relative name is taken relative to the referring file's dir."""
+    if filename.startswith("/") or not filename:
+        return filename
+    slash = base_path.rfind("/")
+    prefix = base_path[:slash + 1] if slash >= 0 else ""
+    return prefix + filename
+
+
+def probe_format(store: ByteStore) -> str:
+    head = store.pread(0, 8)
+    if head[:4] == C.QCOW_MAGIC_BYTES:
+        version = int.from_bytes(head[4:8], "big")
+        return "qcow" if version == 1 else "qcow2"
+    return "raw"
+
+
+def _allowed(policy: Policy, path: str, kind: str, referrer: str) -> bool:
+    if callable(policy):
+        return bool(policy(path, kind, referrer))
+    if policy == "follow":
+        return True
+    if policy == "never":
+        return False
+    if policy == "beside":
+        base = os.path.dirname(os.path.realpath(referrer))
+        target = os.path.realpath(path)
+        return os.path.commonpath([base, target]) == base
+    raise ValueError(f"unknown backing policy {policy!r}")
+
+
+def _check_policy(policy: Policy, path: str, kind: str, referrer: str) -> None:
+    if not _allowed(policy, path, kind, referrer):
+        name = policy if isinstance(policy, str) else "callback"
+        raise BackingChainError(
+            f"{kind} '{path}' of '{referrer}' refused by the {name!s} policy "
+            "(pass backing_policy='follow' to open it like QEMU)")
+
+
+def open_image(path: str, fmt: str | None = None, readonly: bool = True, *,
+               snapshot: str | None = None, backing_policy: Policy = "beside",
+               open_backing: bool = True, data_file: str | None = None,
+               l2_cache_size: int | None = None, _depth: int = 0,
+               _seen: frozenset[str] = frozenset()) -> BlockDevice:
+    """Open `path` as qcow2/qcow/raw (probed unless `fmt`), with its backing chain."""
+    if fmt is not None and fmt not in FORMATS:
+        raise InvalidImageError(f"Unknown driver '{fmt}'")
+    try:
+        store: ByteStore = FileStore(path, writable=not readonly)
+    except OSError as e:
+        raise BackingChainError(f"Could not open '{path}': {e.strerror}") if _depth else e
+    try:
+        return _open_store(store, path, fmt, readonly, snapshot=snapshot,
+                           backing_policy=backing_policy, open_backing=open_backing,
+                           data_file=data_file, l2_cache_size=l2_cache_size, depth=_depth,
+                           seen=_seen | {os.path.realpath(path)})
+    except BaseException:
+        store.close()
+        raise
+
+
+def _open_store(store: ByteStore, path: str, fmt: str | None, readonly: bool, *,
+                snapshot: str | None, backing_policy: Policy, open_backing: bool,
+                data_file: str | None, l2_cache_size: int | None, depth: int,
+                seen: frozenset[str]) -> BlockDevice:
+    actual = fmt or probe_format(store)
+    dev: BlockDevice
+    if actual == "raw":
+        if snapshot is not None:
+            raise InvalidImageError("Block format 'raw' used by device '' does not support "
+                                    "internal snapshots")
+        return RawImage(store, path)
+    if actual == "qcow":
+        from .qcow1 import QcowImage
+
+        dev = QcowImage(store, path, readonly=readonly)
+        backing_name = dev.backing_file
+        backing_fmt = None
+    else:
+        img = Qcow2Image(store, path, readonly=readonly, l2_cache_size=l2_cache_size)
+        dev = img
+        backing_name = img.backing_file
+        backing_fmt = img.backing_format
+        try:
+            _attach_data_file(img, path, data_file, backing_policy, readonly)
+            if snapshot is not None:
+                img.load_snapshot(snapshot)
+        except BaseException:
+            if img.data_store is not img.store:
+                img.data_store.close()
+            raise
+    if backing_name and open_backing:
+        full = path_combine(path, backing_name)
+        if os.path.realpath(full) in seen:
+            raise BackingChainError(f"Backing file '{full}' creates an infinite loop.")
+        if depth + 1 > MAX_BACKING_DEPTH:
+            raise BackingChainError(
+                f"Backing chain of '{path}' is deeper than {MAX_BACKING_DEPTH} images")
+        _check_policy(backing_policy, full, "backing file", path)
+        if backing_fmt is not None and backing_fmt not in FORMATS:
+            raise BackingChainError(f"Could not open backing file: Unknown driver '{backing_fmt}'")
+        try:
+            dev.backing = open_image(full, backing_fmt, True, backing_policy=backing_policy,
+                                     l2_cache_size=l2_cache_size, _depth=depth + 1, _seen=seen)
+        except BackingChainError as e:
+            msg = str(e)
+            dev.close()
+            raise BackingChainError(msg if "infinite loop" in msg or "policy" in msg
+                                    else f"Could not open backing file: {msg}") from None
+        except (Qcow2Error, OSError) as e:
+            dev.close()
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise BackingChainError(
+                f"Could not open backing file: Could not open '{full}': {reason}") from None
+    return dev
+
+
+def _attach_data_file(img: Qcow2Image, path: str, data_file: str | None, policy: Policy,
+                      readonly: bool) -> None:
+    if not img.has_data_file:
+        if data_file is not None:
+            raise InvalidImageError(
+                "'data-file' can only be set for images with an external data file")
+        return
+    name = data_file if data_file is not None else img.data_file_name
+    if not name:
+        raise InvalidImageError("'data-file' is required for this image")
+    # QEMU opens the data file relative to the current directory, not to the image.
+    _check_policy(policy, os.path.abspath(name), "data file", path)
+    try:
+        img.data_store = FileStore(name, writable=not readonly)
+    except OSError as e:
+        raise BackingChainError(f"Could not open '{name}': {e.strerror}") from None

@@ -1,0 +1,152 @@
+"""Byte stores: the only place that touches files. A local file (pread/pwrite/fsync, hole queries)
+and an in-memory store for tests share one small interface."""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Protocol
+
+SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+
+
+class ByteStore(Protocol):
+    """Random-access bytes: what an image file is to the engine."""
+
+    name: str
+    writable: bool
+
+    def size(self) -> int: ...
+    def pread(self, offset: int, length: int) -> bytes: ...
+    def readinto(self, offset: int, buf: memoryview) -> int: ...
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+    def truncate(self, size: int) -> None: ...
+    def flush(self) -> None: ...
+    def allocated_size(self) -> int: ...
+    def next_data(self, offset: int) -> int: ...
+    def next_hole(self, offset: int) -> int: ...
+    def close(self) -> None: ...
+
+
+class FileStore:
+    """A local file accessed with positional I/O (no shared file position, thread-safe reads)."""
+
+    def __init__(self, path: str, writable: bool = False, create: bool = False) -> None:
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        if create:
+            flags |= os.O_CREAT | os.O_TRUNC
+        flags |= getattr(os, "O_CLOEXEC", 0)
+        self.fd: int = os.open(path, flags, 0o644)
+        self.name = path
+        self.writable = writable
+        self._closed = False
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:
+            # Short reads past EOF read as zeros, like QEMU's file driver.
+            data += bytes(length - len(data))
+        return data
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        want = len(buf)
+        done = 0
+        while done < want:
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n <= 0:
+                buf[done:] = bytes(want - done)
+                break
+            done += n
+        return want
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def allocated_size(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    def next_data(self, offset: int) -> int:
+        """First data offset at or after `offset`; the file size if none (or unsupported: offset)."""
+        try:
+            return os.lseek(self.fd, offset, SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return self.size()
+            return offset
+
+    def next_hole(self, offset: int) -> int:
+        try:
+            return os.lseek(self.fd, offset, SEEK_HOLE)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return max(offset, self.size())
+            return self.size()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+
+class MemoryStore:
+    """An in-memory byte store (tests, crafted images)."""
+
+    def __init__(self, data: bytes | bytearray = b"", name: str = "<memory>",
+                 writable: bool = True) -> None:
+        self.buf = bytearray(data)
+        self.name = name
+        self.writable = writable
+
+    def size(self) -> int:
+        return len(self.buf)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        chunk = bytes(self.buf[offset:offset + length])
+        if len(chunk) < length:
+            chunk += bytes(length - len(chunk))
+        return chunk
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        data = self.pread(offset, len(buf))
+        buf[:] = data
+        return len(buf)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        end = offset + len(data)
+        if end > len(self.buf):
+            self.buf.extend(bytes(end - len(self.buf)))
+        self.buf[offset:end] = data
+
+    def truncate(self, size: int) -> None:
+        if size < len(self.buf):
+            del self.buf[size:]
+        else:
+            self.buf.extend(bytes(size - len(self.buf)))
+
+    def flush(self) -> None:
+        pass
+
+    def allocated_size(self) -> int:
+        return len(self.buf)
+
+    def next_data(self, offset: int) -> int:
+        return offset if offset < len(self.buf) else len(self.buf)
+
+    def next_hole(self, offset: int) -> int:
+        return max(offset, len(self.buf))
+
+    def close(self) -> None:
+        pass
