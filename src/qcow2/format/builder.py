@@ -75,7 +75,8 @@ def build_image(spec: ImageSpec) -> bytes:
             data_area += bytes(-len(data_area) % cs)
             host = data_start + len(data_area)
             entries[gc] = host | C.QCOW_OFLAG_COPIED
-            data_area += bytes(item).ljust(cs, b"\0")[:cs]  # type: ignore[arg-type]
+            assert isinstance(item, bytes | bytearray), f"cluster {gc}: {item!r}"
+            data_area += bytes(item).ljust(cs, b"\0")[:cs]
             refcounts[host // cs] = 1
     data_area += bytes(-len(data_area) % cs)
     total_clusters = data_start // cs + len(data_area) // cs

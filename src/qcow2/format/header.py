@@ -118,10 +118,11 @@ class Header:
             del out[want:]
         return bytes(out)
 
-    def validate(self) -> None:
+    def validate(self, check_mode: bool = False) -> None:
         """Apply QEMU's open-time checks (qcow2_do_open), in QEMU's order, with its messages.
 
-        Runs before any field sizes an allocation or a loop.
+        Runs before any field sizes an allocation or a loop. `check_mode` relaxes what
+        `qemu-img check` tolerates (no refcount table, any snapshot count).
         """
         if not C.MIN_CLUSTER_BITS <= self.cluster_bits <= C.MAX_CLUSTER_BITS:
             raise InvalidImageError(f"Unsupported cluster size: 2^{self.cluster_bits}")
@@ -136,21 +137,27 @@ class Header:
         if self.refcount_order > 6:
             raise InvalidImageError(
                 "Reference count entry width too large; may not exceed 64 bits")
+        # validate_compression_type(): an unknown type first, then the bit must match.
         ct = self.compression_type
         if ct not in C.COMPRESSION_TYPE_NAMES:
-            raise InvalidImageError(f"Unsupported compression type: {ct}")
+            raise InvalidImageError(f"qcow2: unknown compression type: {ct}")
         if ct != C.QCOW2_COMPRESSION_TYPE_ZLIB:
             if not self.incompatible_features & C.QCOW2_INCOMPAT_COMPRESSION:
                 raise InvalidImageError(
-                    "Compression type incompatible feature bit must be set")
+                    "qcow2: Compression type incompatible feature bit must be set")
         elif self.incompatible_features & C.QCOW2_INCOMPAT_COMPRESSION:
-            raise InvalidImageError("Compression type incompatible feature bit must not be set")
+            raise InvalidImageError(
+                "qcow2: Compression type incompatible feature bit must not be set")
         if self.crypt_method > C.QCOW_CRYPT_LUKS:
-            raise InvalidImageError(f"Unsupported encryption method: {self.crypt_method}")
+            raise InvalidImageError(f"Unsupported encryption method {self.crypt_method}")
+        if self.refcount_table_clusters == 0 and not check_mode:
+            raise InvalidImageError("Image does not contain a reference count table")
         _validate_table(self, self.refcount_table_offset, self.refcount_table_clusters, cs,
                         C.QCOW_MAX_REFTABLE_SIZE, "Reference count table")
-        _validate_table(self, self.snapshots_offset, self.nb_snapshots, SNAPSHOT_HEADER_SIZE,
-                        SNAPSHOT_HEADER_SIZE * C.QCOW_MAX_SNAPSHOTS, "Snapshot table")
+        if not check_mode:
+            _validate_table(self, self.snapshots_offset, self.nb_snapshots,
+                            SNAPSHOT_HEADER_SIZE, SNAPSHOT_HEADER_SIZE * C.QCOW_MAX_SNAPSHOTS,
+                            "Snapshot table")
         _validate_table(self, self.l1_table_offset, self.l1_size, 8, C.QCOW_MAX_L1_SIZE,
                         "Active L1 table")
         if self.size > C.INT64_MAX:
