@@ -134,10 +134,16 @@ class BlockDevice:
         raise ReadOnlyImageError("image is opened read-only")
 
     def extents(self, start: int = 0, length: int | None = None) -> Iterator[Extent]:
-        """Merged runs of the whole chain, exactly as `qemu-img map` groups them."""
+        """Merged runs of the whole chain, exactly as `qemu-img map` groups them.
+
+        Like `qemu-img map --start-offset --max-length`, a range running past the end of the
+        image is clipped to it (nothing is yielded from a start at or past the end).
+        """
         if length is None:
             length = self.virtual_size - start
-        self._check_range(start, length)
+        if start < 0 or length < 0:
+            self._check_range(start, length)
+        length = max(0, min(length, self.virtual_size - start))
         cur: Extent | None = None
         for e in self._chain_status(start, length, 0):
             if cur is None:

@@ -246,9 +246,7 @@ class Qcow2Image(BlockDevice):
     def _map_runs(self, start: int, length: int) -> Iterator[tuple[int, int, int, int | None]]:
         """(guest_start, length, SubclusterType, host offset or compressed L2 entry) runs."""
         cbits = self.cluster_bits
-        cs = self.cluster_size
         l2_bits = self.l2_bits
-        l2_mask = self.l2_entries - 1
         ext = self.extended_l2
         has_df = self.has_data_file
         v2 = self.header.version < 3

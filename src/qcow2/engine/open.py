@@ -78,7 +78,9 @@ def open_image(path: str, fmt: str | None = None, readonly: bool = True, *,
     try:
         store: ByteStore = FileStore(path, writable=not readonly)
     except OSError as e:
-        raise BackingChainError(f"Could not open '{path}': {e.strerror}") if _depth else e
+        if _depth:
+            raise BackingChainError(f"Could not open '{path}': {e.strerror}") from None
+        raise
     try:
         return _open_store(store, path, fmt, readonly, snapshot=snapshot,
                            backing_policy=backing_policy, open_backing=open_backing,

@@ -37,8 +37,10 @@ class RawImage(BlockDevice):
             hole = self.store.next_hole(pos)
             if hole <= pos:
                 hole = fsize
-            # The file driver reports whole sectors: a data run ending mid-sector is rounded up.
-            hole = min(end, (hole + 511) & ~511)
+            # With buffered I/O QEMU's file driver has a request alignment of 1: a data run
+            # ends exactly at EOF, and the rest of the last (rounded-up) sector is a zero run
+            # (the `pos >= fsize` case above).
+            hole = min(end, hole)
             yield LayerRun(pos, hole - pos, STATUS_DATA | STATUS_OFFSET_VALID, pos, self.store)
             pos = hole
 
