@@ -221,3 +221,12 @@ def test_human_map_refuses_compressed(corpus: dict[str, Case]) -> None:
     with _open(corpus["compressed"]) as img:
         assert any(e.data and e.host_offset is None for e in img.extents())
 
+
+
+def test_aes_encrypted_image_refused(tmp_path: Path) -> None:
+    p = tmp_path / "enc.qcow"
+    qemu_img("create", "-f", "qcow", "--object", "secret,id=sec0,data=pw", "-o",
+             "encrypt.format=aes,encrypt.key-secret=sec0", p, "1M")
+    assert qemu_json("info", "--output=json", p)["encrypted"] is True
+    with pytest.raises(qcow2.EncryptionError, match="encryption not supported yet"):
+        qcow2.open(str(p))
