@@ -71,3 +71,28 @@ def set_refcount(data: bytearray, index: int, refcount_order: int, value: int) -
 
 def reftable_entry_offset(entry: int) -> int:
     return entry & C.REFT_OFFSET_MASK
+
+
+def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int,
+                           generous_increase: bool) -> tuple[int, int]:
+    """(bytes of refcount table + blocks, number of refblocks) to refcount `clusters` clusters.
+
+    The fixed point where the refcount structures also cover themselves, as QEMU's
+    qcow2_refcount_metadata_size(); `generous_increase` adds half the table once more.
+    """
+    per_table_cluster = cluster_size // 8
+    per_block = cluster_size * 8 >> refcount_order
+    table = blocks = 0
+    n = last = -1
+    while True:
+        last = n
+        blocks = -(-(clusters + table + blocks) // per_block)
+        table = -(-blocks // per_table_cluster)
+        n = clusters + blocks + table
+        if n == last and generous_increase:
+            clusters += -(-table // 2)
+            n = 0
+            generous_increase = False
+        if n == last:
+            break
+    return (blocks + table) * cluster_size, blocks

@@ -1,0 +1,277 @@
+"""Refcounts of a writable qcow2 image: the refcount table and blocks, the cluster allocator,
+self-describing refcount blocks and refcount table growth.
+
+Ordering (spec §6.1): a refcount *increase* must be on disk before any L2 entry that uses
+the cluster, and a *decrease* only after the L2 update that dropped the reference. So
+increases are applied to cached blocks at once and written by `flush()`, which the image
+calls before writing L2 tables; decreases are queued and applied by `apply_decreases()`
+after the L2 tables are durable. A crash between the two leaves only leaks.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable
+from sys import byteorder
+
+from ..errors import CorruptImageError, ImageLimitError
+from ..format import constants as C
+from ..format.refcount import get_refcount, refcount_metadata_size, set_refcount
+from ..io import ByteStore
+
+DEFAULT_CACHE_BLOCKS = 64
+
+
+class RefcountOverflowError(ImageLimitError):
+    """A refcount would exceed the maximum of its width."""
+
+
+class Refcounts:
+    """Reads and updates refcounts; allocates clusters first-fit like QEMU."""
+
+    def __init__(self, store: ByteStore, cluster_bits: int, refcount_order: int,
+                 table_offset: int, table_clusters: int,
+                 set_header_reftable: Callable[[int, int], None],
+                 cache_blocks: int = DEFAULT_CACHE_BLOCKS) -> None:
+        self.store = store
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.refcount_order = refcount_order
+        self.refcount_max = (1 << (1 << refcount_order)) - 1
+        self.block_bits = cluster_bits + 3 - refcount_order
+        self.per_block = 1 << self.block_bits
+        self.table_offset = table_offset
+        self.table_clusters = table_clusters
+        self._set_header_reftable = set_header_reftable
+        raw = store.pread(table_offset, table_clusters * self.cluster_size)
+        self.table = array("Q")
+        self.table.frombytes(raw)
+        if byteorder == "little":
+            self.table.byteswap()
+        for i, e in enumerate(self.table):
+            if e & C.REFT_RESERVED_MASK or (e & (self.cluster_size - 1)):
+                raise CorruptImageError(
+                    f"Refblock offset {e & C.REFT_OFFSET_MASK:#x} unaligned "
+                    f"(reftable index: {i:#x})", offset=e)
+        self._blocks: OrderedDict[int, bytearray] = OrderedDict()
+        self._dirty: set[int] = set()
+        self._capacity = max(4, cache_blocks)
+        self.free_cluster_index = 0
+        self._pending_decreases: list[tuple[int, int]] = []
+
+    # ------------------------------------------------------------------ blocks
+    def _load(self, block_offset: int) -> bytearray:
+        blk = self._blocks.get(block_offset)
+        if blk is not None:
+            self._blocks.move_to_end(block_offset)
+            return blk
+        blk = bytearray(self.store.pread(block_offset, self.cluster_size))
+        self._insert(block_offset, blk)
+        return blk
+
+    def _insert(self, block_offset: int, blk: bytearray) -> None:
+        self._blocks[block_offset] = blk
+        while len(self._blocks) > self._capacity:
+            victim, vblk = next(iter(self._blocks.items()))
+            if victim in self._dirty:
+                # Evicting a dirty block is a write-back: keep it durable-ordered by syncing.
+                self.store.pwrite(victim, vblk)
+                self.store.flush()
+                self._dirty.discard(victim)
+            del self._blocks[victim]
+
+    def _block_offset(self, rt_index: int) -> int:
+        if rt_index >= len(self.table):
+            return 0
+        return self.table[rt_index] & C.REFT_OFFSET_MASK
+
+    def get(self, cluster_index: int) -> int:
+        off = self._block_offset(cluster_index >> self.block_bits)
+        if not off:
+            return 0
+        return get_refcount(self._load(off), cluster_index & (self.per_block - 1),
+                            self.refcount_order)
+
+    # ------------------------------------------------------------------ allocation
+    def _find_free(self, n: int) -> int:
+        """First run of n clusters with refcount 0, from the lowest freed index (noref)."""
+        start = self.free_cluster_index
+        while True:
+            run = 0
+            i = start
+            while run < n:
+                if self.get(i + run):
+                    start = i + run + 1
+                    break
+                run += 1
+            else:
+                break
+        if (start + n) << self.cluster_bits > C.QCOW_MAX_CLUSTER_OFFSET:
+            raise ImageLimitError("Cannot allocate clusters: image would exceed 2^56 bytes")
+        return start
+
+    def alloc_clusters(self, n: int) -> int:
+        """Allocate n contiguous clusters (refcount 1); returns the host offset."""
+        while True:
+            start = self._find_free(n)
+            if self._ensure_blocks(start, n):
+                continue  # metadata took space: search again, as QEMU's -EAGAIN
+            self._update_range(start, n, 1)
+            self.free_cluster_index = start + n
+            return start << self.cluster_bits
+
+    def _ensure_blocks(self, start: int, n: int) -> bool:
+        """Create missing refblocks covering clusters [start, start+n). True if any was made."""
+        made = False
+        first = start >> self.block_bits
+        last = (start + n - 1) >> self.block_bits
+        for rt in range(first, last + 1):
+            if not self._block_offset(rt):
+                self._create_block(rt)
+                made = True
+        return made
+
+    def _create_block(self, rt_index: int) -> None:
+        if rt_index >= len(self.table):
+            self._grow_table(rt_index)
+            if self._block_offset(rt_index):
+                return
+        new = self._find_free(1)
+        blk = bytearray(self.cluster_size)
+        if new >> self.block_bits == rt_index:
+            # The block describes itself.
+            set_refcount(blk, new & (self.per_block - 1), self.refcount_order, 1)
+        else:
+            self._ensure_blocks(new, 1)
+            if self.get(new):  # a recursive allocation took the cluster: pick again
+                self._create_block(rt_index)
+                return
+            self._update_range(new, 1, 1)
+            self.flush_blocks()
+        block_offset = new << self.cluster_bits
+        # The block reaches disk before the table entry that points to it.
+        self.store.pwrite(block_offset, blk)
+        self.store.flush()
+        self.store.pwrite(self.table_offset + rt_index * 8, struct.pack(">Q", block_offset))
+        self.store.flush()
+        self.table[rt_index] = block_offset
+        self._insert(block_offset, blk)
+
+    def _grow_table(self, needed_index: int) -> None:
+        """Place new self-describing refblocks and a larger table past the covered area."""
+        cs = self.cluster_size
+        blocks_used = max(needed_index + 1, len(self.table))
+        start = blocks_used * self.per_block  # first cluster no existing refblock covers
+        _, total_blocks = refcount_metadata_size(start, cs, self.refcount_order, True)
+        total_blocks = max(total_blocks, needed_index + 1)
+        table_size = total_blocks + -(-total_blocks // 2)
+        per_cluster = cs // 8
+        table_size = -(-table_size // per_cluster) * per_cluster
+        if table_size * 8 > C.QCOW_MAX_REFTABLE_SIZE:
+            raise ImageLimitError("Reference count table would exceed its 8 MiB limit")
+        table_clusters = table_size // per_cluster
+        new_table = array("Q", self.table)
+        new_table.extend([0] * (table_size - len(new_table)))
+        area_index = start >> self.block_bits
+        new_blocks = [i for i in range(area_index, total_blocks) if not new_table[i]]
+        table_start = start + len(new_blocks)
+        end = table_start + table_clusters
+        if (end - 1) >> self.block_bits >= total_blocks:
+            # refcount_metadata_size() guarantees the area covers itself.
+            raise RuntimeError("refcount area does not cover itself")
+        for k, i in enumerate(new_blocks):
+            new_table[i] = (start + k) << self.cluster_bits
+        for i in range(area_index, total_blocks):
+            boff = new_table[i] & C.REFT_OFFSET_MASK
+            blk = bytearray(cs) if i in new_blocks else self._load(boff)
+            first_covered = i << self.block_bits
+            lo = max(start, first_covered)
+            hi = min(end, first_covered + self.per_block)
+            for ci in range(lo, hi):
+                set_refcount(blk, ci - first_covered, self.refcount_order, 1)
+            self._insert(boff, blk)
+            self._dirty.add(boff)
+        self.flush_blocks()
+        raw = array("Q", new_table)
+        if byteorder == "little":
+            raw.byteswap()
+        new_offset = table_start << self.cluster_bits
+        self.store.pwrite(new_offset, raw.tobytes())
+        self.store.flush()
+        old_offset, old_clusters = self.table_offset, self.table_clusters
+        self._set_header_reftable(new_offset, table_clusters)
+        self.store.flush()
+        self.table = new_table
+        self.table_offset = new_offset
+        self.table_clusters = table_clusters
+        self._update_range(old_offset >> self.cluster_bits, old_clusters, -1)
+        self.free_cluster_index = min(self.free_cluster_index, old_offset >> self.cluster_bits)
+
+    # ------------------------------------------------------------------ updates
+    def _update_range(self, start: int, n: int, addend: int) -> None:
+        for ci in range(start, start + n):
+            off = self._block_offset(ci >> self.block_bits)
+            if not off:
+                raise CorruptImageError(f"No refcount block for cluster {ci:#x}")
+            blk = self._load(off)
+            idx = ci & (self.per_block - 1)
+            cur = get_refcount(blk, idx, self.refcount_order)
+            new = cur + addend
+            if new < 0:
+                raise CorruptImageError(
+                    f"Refcount of cluster {ci:#x} would drop below zero", offset=ci)
+            if new > self.refcount_max:
+                raise RefcountOverflowError(
+                    f"Refcount of cluster {ci:#x} would exceed {self.refcount_max}")
+            set_refcount(blk, idx, self.refcount_order, new)
+            self._dirty.add(off)
+            if new == 0 and ci < self.free_cluster_index:
+                self.free_cluster_index = ci
+
+    def increase(self, host_offset: int, length: int, addend: int = 1) -> None:
+        """Raise refcounts of the clusters spanned by [host_offset, +length)."""
+        first = host_offset >> self.cluster_bits
+        last = (host_offset + length - 1) >> self.cluster_bits
+        while self._ensure_blocks(first, last - first + 1):
+            pass
+        self._update_range(first, last - first + 1, addend)
+
+    def queue_decrease(self, host_offset: int, length: int) -> None:
+        """Drop one reference from the clusters spanned, once the L2 update is durable."""
+        self._pending_decreases.append((host_offset, length))
+
+    def apply_decreases(self) -> None:
+        pending, self._pending_decreases = self._pending_decreases, []
+        for off, length in pending:
+            first = off >> self.cluster_bits
+            last = (off + length - 1) >> self.cluster_bits
+            self._update_range(first, last - first + 1, -1)
+
+    def flush_blocks(self) -> None:
+        """Write every dirty refblock, then make them durable."""
+        if not self._dirty:
+            return
+        for off in sorted(self._dirty):
+            blk = self._blocks.get(off)
+            if blk is not None:
+                self.store.pwrite(off, blk)
+        self._dirty.clear()
+        self.store.flush()
+
+    @property
+    def has_pending_decreases(self) -> bool:
+        return bool(self._pending_decreases)
+
+    def highest_allocated_cluster(self) -> int:
+        """Index of the last cluster with a non-zero refcount (-1 if none)."""
+        for rt in range(len(self.table) - 1, -1, -1):
+            off = self._block_offset(rt)
+            if not off:
+                continue
+            blk = self._load(off)
+            for idx in range(self.per_block - 1, -1, -1):
+                if get_refcount(blk, idx, self.refcount_order):
+                    return (rt << self.block_bits) + idx
+        return -1
