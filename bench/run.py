@@ -1,0 +1,529 @@
+"""Benchmarks: our `qcow2` tool and library against qemu-img on one generated corpus.
+
+    .venv/bin/python bench/run.py                 # full corpus (built on first use, ~4 GiB)
+    .venv/bin/python bench/run.py --quick         # small corpus, a minute or so
+    .venv/bin/python bench/run.py --only convert,read --repeat 5 --profile
+
+Every command runs as a fresh process. Each row is warmed once per tool (untimed: page cache,
+binaries, .pyc files), then the two tools alternate for --repeat rounds and the best wall-clock
+time of each is kept. Ratio = ours / qemu (lower is better; 1.0 = parity). Output files go to a
+tmpfs directory when one is big enough, so disk write-back does not blur the numbers.
+
+The table goes to stdout and bench/results/latest.md (+ latest.json); --profile also writes
+cProfile reports of our slow rows to bench/results/ (see bench/hotspots.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS = BENCH_DIR / "results"
+sys.path.insert(0, str(BENCH_DIR))
+
+import corpus as corpus_mod  # noqa: E402
+
+PY = sys.executable
+API = str(BENCH_DIR / "api.py")
+CHUNK = 4 << 20
+
+
+def ours_tool() -> list[str]:
+    exe = Path(PY).parent / "qcow2"
+    return [str(exe)] if exe.exists() else [PY, "-m", "qcow2"]
+
+
+def has_cli(cmd: str) -> bool:
+    try:
+        return importlib.util.find_spec(f"qcow2.cli.{cmd}") is not None
+    except ImportError:
+        return False
+
+
+# --------------------------------------------------------------------------- measuring
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return (sum(vals[:8]) - idle) / CLK_TCK
+
+
+def wait_idle(max_wait: float, threshold: float = 0.15) -> float:
+    """Wait (up to max_wait s) until other processes use < threshold cores; return that use."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        b0, t0 = busy_cpu_seconds(), time.monotonic()
+        time.sleep(1.0)
+        load = (busy_cpu_seconds() - b0) / (time.monotonic() - t0)
+        if load < threshold or time.monotonic() >= deadline:
+            return load
+
+
+@dataclass
+class Cmd:
+    argv: list[str]
+    stdin: Path | None = None
+    output: Path | None = None  # removed before every run
+    label: str = ""
+
+    def key(self) -> tuple[str, ...]:
+        return (*self.argv, f"<{self.stdin}" if self.stdin else "")
+
+    def shell(self) -> str:
+        s = " ".join(_short(a) for a in self.argv)
+        return s + (f" < {self.stdin.name}" if self.stdin else "")
+
+
+def _short(a: str) -> str:
+    for prefix, rep in ((str(REPO) + "/", ""), (str(Path(PY).parent) + "/", ".venv/bin/")):
+        if a.startswith(prefix):
+            return rep + a[len(prefix):]
+    return a
+
+
+@dataclass
+class Timing:
+    best: float = float("inf")
+    cpu: float = 0.0  # user+sys of the best run (children included)
+    runs: list[float] = field(default_factory=list)
+    error: str | None = None
+    foreign: float = 0.0  # cores' worth of CPU other processes used while this was timed
+
+
+class Runner:
+    def __init__(self) -> None:
+        self.cache: dict[tuple[str, ...], Timing] = {}
+
+    def once(self, c: Cmd, capture: Path | None = None) -> tuple[float, float, str | None]:
+        if c.output is not None and c.output.exists():
+            c.output.unlink()
+        with contextlib.ExitStack() as stack:
+            stdin: Any = (stack.enter_context(open(c.stdin, "rb")) if c.stdin
+                          else subprocess.DEVNULL)
+            stdout: Any = (stack.enter_context(open(capture, "wb")) if capture
+                           else subprocess.DEVNULL)
+            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
+            p = subprocess.run(c.argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
+            dt = time.perf_counter() - t0
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+        err = None
+        if p.returncode != 0:
+            lines = p.stderr.decode(errors="replace").strip().splitlines()
+            err = f"exit {p.returncode}: {lines[-1] if lines else ''}"[:200]
+        return dt, cpu, err
+
+    def compare(self, a: Cmd, b: Cmd, repeat: int) -> tuple[Timing, Timing]:
+        """Warm both, then alternate a/b `repeat` times; commands timed before are reused."""
+        todo = [c for c in (a, b) if c.key() not in self.cache]
+        if len(todo) == 2 and todo[0].key() == todo[1].key():
+            todo = todo[:1]
+        for c in todo:
+            t = self.cache[c.key()] = Timing()
+            _, _, t.error = self.once(c)  # warm-up
+        spent: dict[int, list[float]] = {id(c): [0.0, 0.0] for c in todo}  # foreign, wall
+        for _ in range(repeat):
+            for c in todo:
+                t = self.cache[c.key()]
+                if t.error:
+                    continue
+                b0 = busy_cpu_seconds()
+                dt, cpu, err = self.once(c)
+                acc = spent[id(c)]
+                acc[0] += max(0.0, busy_cpu_seconds() - b0 - cpu)
+                acc[1] += dt
+                t.foreign = acc[0] / acc[1] if acc[1] else 0.0
+                if err:
+                    t.error = err
+                    continue
+                t.runs.append(dt)
+                if dt < t.best:
+                    t.best, t.cpu = dt, cpu
+        for c in (a, b):
+            if c.output is not None and c.output.exists():
+                c.output.unlink()
+        return self.cache[a.key()], self.cache[b.key()]
+
+
+# --------------------------------------------------------------------------- rows
+@dataclass
+class Row:
+    id: str
+    title: str
+    ours: Cmd | None
+    qemu: Cmd
+    repeat: int
+    note: str = ""
+    verify: str = ""  # "files" (compare outputs) or "json" (compare stdout as JSON)
+    t_ours: Timing | None = None
+    t_qemu: Timing | None = None
+    check: str = ""
+
+
+def qemu_io_script(path: Path, size: int, chunk: int = CHUNK) -> Path:
+    lines = [f"read -q {off} {min(chunk, size - off)}\n" for off in range(0, size, chunk)]
+    path.write_text("".join(lines))
+    return path
+
+
+def virtual_size(img: Path) -> int:
+    out = subprocess.run(["qemu-img", "info", "--output=json", str(img)], check=True,
+                         capture_output=True).stdout
+    return int(json.loads(out)["virtual-size"])
+
+
+def build_rows(c: corpus_mod.Corpus, outdir: Path, repeat: int, repeat_startup: int
+               ) -> list[Row]:
+    tool = ours_tool()
+    rows: list[Row] = []
+    conv = has_cli("convert")
+    for kind in ("plain", "zlib", "zstd"):
+        img = str(getattr(c, kind))
+        q = Cmd(["qemu-img", "convert", "-O", "raw", img, str(outdir / "qemu.raw")],
+                output=outdir / "qemu.raw")
+        o = (Cmd([*tool, "convert", "-O", "raw", img, str(outdir / "ours.raw")],
+                 output=outdir / "ours.raw") if conv else None)
+        rows.append(Row(f"convert-{kind}", f"convert -O raw, {kind}", o, q, repeat,
+                        "" if conv else "skipped: `qcow2 convert` not there yet",
+                        verify="files"))
+    for kind in ("plain", "zlib", "zstd"):
+        img = getattr(c, kind)
+        size = virtual_size(img)
+        script = qemu_io_script(outdir / f"reads-{size}.txt", size)
+        o = Cmd([PY, API, "read", str(img), "--chunk", str(CHUNK)])
+        rows.append(Row(f"read-{kind}", f"sequential read 4 MiB, {kind} (API vs qemu-io)", o,
+                        Cmd(["qemu-io", "-r", "-f", "qcow2", str(img)], stdin=script), repeat,
+                        "qemu-io: one `read -q` per 4 MiB from stdin"))
+        q = Cmd(["qemu-img", "convert", "-O", "raw", str(img), str(outdir / "qemu.raw")],
+                output=outdir / "qemu.raw")
+        rows.append(Row(f"read-{kind}-vs-convert",
+                        f"sequential read 4 MiB, {kind} (API vs qemu-img convert)", o, q, repeat,
+                        "qemu-img also writes the raw file (tmpfs)"))
+    small = str(c.small)
+    if has_cli("info"):
+        o, note = Cmd([*tool, "info", small]), ""
+    else:
+        o, note = Cmd([PY, API, "open", small]), "`qcow2 info` not there yet: API open instead"
+    rows.append(Row("info-small", "info, 64 MiB image", o, Cmd(["qemu-img", "info", small]),
+                    repeat_startup, note))
+    if has_cli("map"):
+        o, note = Cmd([*tool, "map", small]), ""
+        oj, notej = Cmd([*tool, "map", "--output=json", str(c.huge)]), ""
+    else:
+        o = Cmd([PY, API, "extents", small])
+        note = "`qcow2 map` not there yet: API `list(img.extents())` instead"
+        oj = Cmd([PY, API, "extents", "--json", str(c.huge)])
+        notej = "`qcow2 map` not there yet: API `list(img.extents())` + JSON dump instead"
+    rows.append(Row("map-small", "map, 64 MiB image", o, Cmd(["qemu-img", "map", small]),
+                    repeat_startup, note))
+    hv = fmt_bytes(virtual_size(c.huge))
+    rows.append(Row("map-huge-json", f"map --output=json, {hv} preallocation=metadata", oj,
+                    Cmd(["qemu-img", "map", "--output=json", str(c.huge)]), repeat, notej,
+                    verify="json"))
+    return rows
+
+
+def fmt_bytes(n: int) -> str:
+    return corpus_mod.fmt_size(n).replace(".0 ", " ")
+
+
+def verify_row(r: Row, runner: Runner, outdir: Path) -> str:
+    if r.ours is None or (r.t_ours and r.t_ours.error) or (r.t_qemu and r.t_qemu.error):
+        return ""
+    if r.verify == "files":
+        assert r.ours.output is not None and r.qemu.output is not None
+        runner.once(r.ours)
+        runner.once(r.qemu)
+        same = subprocess.run(["cmp", "-s", str(r.ours.output), str(r.qemu.output)]).returncode
+        r.ours.output.unlink(missing_ok=True)
+        r.qemu.output.unlink(missing_ok=True)
+        return "outputs identical" if same == 0 else "**outputs differ**"
+    if r.verify == "json":
+        a, b = outdir / "ours.json", outdir / "qemu.json"
+        runner.once(r.ours, capture=a)
+        runner.once(r.qemu, capture=b)
+        try:
+            same = json.loads(a.read_text()) == json.loads(b.read_text())
+        except ValueError:
+            same = False
+        a.unlink()
+        b.unlink()
+        return "JSON identical" if same else "**JSON differs**"
+    return ""
+
+
+# --------------------------------------------------------------------------- import time
+IMPORT_RE = re.compile(r"import time:\s+(\d+)\s+\|\s+(\d+)\s+\|( *)(\S+)")
+
+
+def importtime(argv: list[str], runs: int = 5) -> dict[str, object]:
+    """`python -X importtime` of argv (a python script + args): min over runs, per module."""
+    best_self: dict[str, int] = {}
+    best_cum: dict[str, int] = {}
+    top: set[str] = set()
+    totals: list[int] = []
+    walls: list[float] = []
+    for _ in range(runs + 1):
+        t0 = time.perf_counter()
+        p = subprocess.run([PY, "-X", "importtime", *argv], capture_output=True, text=True)
+        walls.append(time.perf_counter() - t0)
+        total = 0
+        for line in p.stderr.splitlines():
+            m = IMPORT_RE.match(line)
+            if not m:
+                continue
+            s, cum, indent, mod = int(m[1]), int(m[2]), len(m[3]), m[4]
+            total += s
+            best_self[mod] = min(best_self.get(mod, s), s)
+            best_cum[mod] = min(best_cum.get(mod, cum), cum)
+            if indent == 1:
+                top.add(mod)
+        totals.append(total)
+    totals, walls = totals[1:], walls[1:]  # first run warms .pyc files
+    by_self = sorted(best_self.items(), key=lambda kv: -kv[1])[:12]
+    by_cum = sorted(((m, best_cum[m]) for m in top), key=lambda kv: -kv[1])[:10]
+    return {"argv": argv, "total_us": min(totals), "wall_s": min(walls), "by_self": by_self,
+            "top_level_cum": by_cum, "modules": len(best_self)}
+
+
+# --------------------------------------------------------------------------- report
+def machine_info(c: corpus_mod.Corpus, outdir: Path) -> dict[str, str]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    qv = subprocess.run(["qemu-img", "--version"], capture_output=True,
+                        text=True).stdout.splitlines()[0]
+    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"],
+                           capture_output=True, text=True).stdout.strip()
+    vers = []
+    for mod in ("numpy", "zstandard"):
+        try:
+            vers.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            vers.append(f"{mod} missing")
+    imgs = []
+    for name, p in c.images().items():
+        st = p.stat()
+        imgs.append(f"{name} {fmt_bytes(virtual_size(p))} virtual / "
+                    f"{fmt_bytes(st.st_blocks * 512)} on disk")
+    manifest = json.loads((c.dir / "manifest.json").read_text())
+    fs = manifest["built"].get("fs.raw", {})
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "cpu": f"{cpu} × {os.cpu_count()}",
+        "memory": fmt_bytes(mem),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": f"{platform.python_implementation()} {platform.python_version()}; "
+                  + ", ".join(vers),
+        "qemu-img": qv,
+        "qcow2": f"git {git}{' (src modified)' if dirty else ''}",
+        "corpus": f"{c.params.profile}: ext4 with {fs.get('files', '?')} files / "
+                  f"{fmt_bytes(int(fs.get('file_bytes', 0)))} from {c.params.source}; "
+                  + "; ".join(imgs),
+        "outputs": f"{outdir} ({_fstype(outdir)})",
+    }
+
+
+def _fstype(p: Path) -> str:
+    best, fstype = "", "?"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 2 and str(p).startswith(parts[1]) and len(parts[1]) > len(best):
+                best, fstype = parts[1], parts[2]
+    except OSError:
+        pass
+    return fstype
+
+
+def _fmt_t(t: Timing | None) -> str:
+    if t is None:
+        return "—"
+    if t.error:
+        return "error"
+    if t.best >= 10:
+        return f"{t.best:.1f} s"
+    if t.best >= 1:
+        return f"{t.best:.2f} s"
+    return f"{t.best * 1000:.0f} ms"
+
+
+def render(rows: list[Row], info: dict[str, str], imp: dict[str, object] | None,
+           floors: dict[str, Timing], repeat: int, repeat_startup: int) -> str:
+    out = ["## Results", "",
+           f"Best of {repeat} (start-up rows: best of {repeat_startup}) wall-clock runs after one "
+           "untimed warm-up per command; CPU = user+sys of that best run. "
+           "Ratio = ours / qemu (lower is better). Noise = cores' worth of CPU used by other "
+           "processes while the row ran (0 = quiet machine).", "",
+           "| row | ours | qemu | ratio | CPU ours / qemu | noise | notes |",
+           "|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        ratio = cpu = noise = "—"
+        o, q = r.t_ours, r.t_qemu
+        if o and q and not o.error and not q.error:
+            ratio = f"**{o.best / q.best:.2f}×**"
+            cpu = f"{o.cpu:.2f} / {q.cpu:.2f} s"
+            noise = f"{max(o.foreign, q.foreign):.2f}"
+        notes = [n for n in (r.note, r.check) if n]
+        for t, who in ((o, "ours"), (q, "qemu")):
+            if t and t.error:
+                notes.append(f"{who} failed: {t.error}")
+        out.append(f"| {r.title} | {_fmt_t(o)} | {_fmt_t(q)} | {ratio} | {cpu} | {noise} | "
+                   f"{'; '.join(notes)} |")
+    out += ["", "Commands (ours / qemu):", ""]
+    for r in rows:
+        out.append(f"- `{r.id}`: `{r.ours.shell() if r.ours else '(skipped)'}`  /  "
+                   f"`{r.qemu.shell()}`")
+    if floors:
+        out += ["", "Reference floors (not ratios):", ""]
+        for label, t in floors.items():
+            out.append(f"- {label}: {_fmt_t(t)}")
+    if imp:
+        out += ["", f"### `python -X importtime` of `{' '.join(_short(a) for a in imp['argv'])}`",  # type: ignore[union-attr]
+                "",
+                f"{imp['modules']} modules, {int(imp['total_us']) / 1000:.1f} ms of import time "  # type: ignore[call-overload]
+                f"(sum of self times, min of runs); whole process {float(imp['wall_s']) * 1000:.0f} ms.",  # type: ignore[arg-type]
+                "", "| top-level import | cumulative ms |", "|---|---:|"]
+        for m, us in imp["top_level_cum"]:  # type: ignore[attr-defined]
+            out.append(f"| {m} | {us / 1000:.1f} |")
+        out += ["", "| module (self time) | ms |", "|---|---:|"]
+        for m, us in imp["by_self"]:  # type: ignore[attr-defined]
+            out.append(f"| {m} | {us / 1000:.1f} |")
+    out += ["", "## Machine", ""]
+    out += [f"- {k}: {v}" for k, v in info.items()]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+def pick_outdir(need: int) -> tuple[Path, bool]:
+    for base in ("/dev/shm", tempfile.gettempdir()):
+        try:
+            st = os.statvfs(base)
+        except OSError:
+            continue
+        if st.f_bavail * st.f_frsize > need:
+            return Path(tempfile.mkdtemp(prefix="qcow2-bench-", dir=base)), True
+    return Path(tempfile.mkdtemp(prefix="out-", dir=corpus_mod.CORPUS_ROOT)), True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="qcow2 vs qemu-img benchmarks",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__)
+    corpus_mod.add_size_args(ap)
+    ap.add_argument("--repeat", type=int, help="timed rounds per heavy row (default 3)")
+    ap.add_argument("--repeat-startup", type=int, default=20,
+                    help="timed rounds per start-up row (default 20)")
+    ap.add_argument("--only", help="comma-separated row id prefixes, e.g. convert,map-huge")
+    ap.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                    help="before each row, wait up to SECONDS for other processes to go quiet")
+    ap.add_argument("--no-verify", action="store_true", help="skip output comparisons")
+    ap.add_argument("--no-importtime", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="also cProfile our slow rows (bench/hotspots.py) into bench/results/")
+    ap.add_argument("--outdir", help="where converted outputs go (default: tmpfs if it fits)")
+    ap.add_argument("--results", default=str(RESULTS / "latest.md"))
+    a = ap.parse_args(argv)
+    repeat = a.repeat or 3
+    params = corpus_mod.params_from("quick" if a.quick else "full", a.vsize, a.files, a.huge)
+    c = corpus_mod.ensure(params)
+    vmax = max(virtual_size(p) for p in (c.plain, c.zlib, c.zstd))
+    if a.outdir:
+        outdir, tmp = Path(a.outdir), False
+        outdir.mkdir(parents=True, exist_ok=True)
+    else:
+        outdir, tmp = pick_outdir(2 * vmax + (1 << 30))
+    runner = Runner()
+    try:
+        rows = build_rows(c, outdir, repeat, a.repeat_startup)
+        if a.only:
+            prefixes = a.only.split(",")
+            rows = [r for r in rows if any(r.id.startswith(p) for p in prefixes)]
+        for r in rows:
+            if a.wait_idle:
+                load = wait_idle(a.wait_idle)
+                print(f"[run] other load {load:.2f} cores", file=sys.stderr, flush=True)
+            print(f"[run] {r.id} ...", file=sys.stderr, flush=True)
+            if r.ours is None:
+                r.t_qemu = runner.compare(r.qemu, r.qemu, r.repeat)[1]
+            else:
+                r.t_ours, r.t_qemu = runner.compare(r.ours, r.qemu, r.repeat)
+                if not a.no_verify and r.verify:
+                    r.check = verify_row(r, runner, outdir)
+        floors: dict[str, Timing] = {}
+        if not a.only or any(p.startswith(("info", "map")) for p in a.only.split(",")):
+            for label, argv_ in (("python -c pass", [PY, "-c", "pass"]),
+                                 ("python -I -S -c pass", [PY, "-I", "-S", "-c", "pass"]),
+                                 ("python -c 'import qcow2'", [PY, "-c", "import qcow2"])):
+                cmd = Cmd(argv_)
+                floors[label] = runner.compare(cmd, cmd, a.repeat_startup)[0]
+        if not a.only or any(p.startswith("read") for p in a.only.split(",")):
+            cmd = Cmd([PY, API, "preadv", str(c.plain), "--chunk", str(CHUNK)])
+            floors["os.preadv of plain.qcow2 file, 4 MiB chunks (Python I/O floor)"] = \
+                runner.compare(cmd, cmd, repeat)[0]
+        imp = None
+        if not a.no_importtime:
+            small = str(c.small)
+            script = ([ours_tool()[0], "info", small] if has_cli("info")
+                      and ours_tool()[0].endswith("qcow2") else [API, "open", small])
+            imp = importtime(script)
+        info = machine_info(c, outdir)
+        report = render(rows, info, imp, floors, repeat, a.repeat_startup)
+        print(report)
+        res = Path(a.results)
+        res.parent.mkdir(parents=True, exist_ok=True)
+        res.write_text("# qcow2 benchmark results\n\n" + report)
+        res.with_suffix(".json").write_text(json.dumps({
+            "machine": info,
+            "rows": [{"id": r.id, "title": r.title, "note": r.note, "check": r.check,
+                      "ours": r.ours.shell() if r.ours else None, "qemu": r.qemu.shell(),
+                      "ours_s": r.t_ours.runs if r.t_ours else None,
+                      "qemu_s": r.t_qemu.runs if r.t_qemu else None,
+                      "ours_err": r.t_ours.error if r.t_ours else None,
+                      "qemu_err": r.t_qemu.error if r.t_qemu else None} for r in rows],
+            "floors": {k: v.runs for k, v in floors.items()},
+            "importtime": imp}, indent=1) + "\n")
+        print(f"[run] wrote {res}", file=sys.stderr)
+        if a.profile:
+            subprocess.run([PY, str(BENCH_DIR / "hotspots.py"),
+                            *(["--quick"] if a.quick else [])], check=False)
+    finally:
+        if tmp:
+            shutil.rmtree(outdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
