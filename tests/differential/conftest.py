@@ -450,6 +450,93 @@ def _snapshots(b: Builder) -> list[MatrixImage]:
             MatrixImage("snap_s3", p, size, snapshot="s3")]
 
 
+@builder("snap_v2_active", "snap_v2_a", snapshots=("snap_v2_a",))
+def _snapshots_v2(b: Builder) -> list[MatrixImage]:
+    size = 2 * MiB
+    p = b.create("img.qcow2", size, "compat=0.10", "cluster_size=16k")
+    _apply(b, p, ["write -s {rand} 0 700000", "write -c -P 9 1048576 16384"])
+    b.img("snapshot", "-c", "a", str(p))
+    _apply(b, p, ["write -P 1 5000 10000", "write -z 100000 32768", "discard 200000 16384",
+                  "write -z 1048576 16384"])
+    return [MatrixImage("snap_v2_active", p, size),
+            MatrixImage("snap_v2_a", p, size, snapshot="a")]
+
+
+@builder("shrunk")
+def _shrunk(b: Builder) -> list[MatrixImage]:
+    p = b.create("img.qcow2", 8 * MiB, "cluster_size=4k")
+    _apply(b, p, ["write -s {rand} 0 3000000", f"write -P 1 {7 * MiB} 65536",
+                  "write -z 1000000 100000"])
+    size = 2 * MiB + 1536
+    b.img("resize", "--shrink", str(p), str(size))
+    return _one(b, p, size)
+
+
+@builder("grown")
+def _grown(b: Builder) -> list[MatrixImage]:
+    p = b.create("img.qcow2", 1 * MiB, "cluster_size=512")
+    _apply(b, p, ["write -s {rand} 0 1048576"])
+    size = 3 * MiB
+    b.img("resize", str(p), str(size))
+    _apply(b, p, ["write -P 1 2000000 5000"])
+    return _one(b, p, size)
+
+
+def _truncate_file(path: Path, cut: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.fstat(f.fileno()).st_size - cut)
+
+
+@builder("truncated_prealloc")
+def _truncated_prealloc(b: Builder) -> list[MatrixImage]:
+    # With metadata preallocation QEMU asks the file which parts of a data run exist: the
+    # last data cluster ends mid-sector at EOF, the rest reads (and maps) as zero.
+    size = 1 * MiB
+    p = b.create("img.qcow2", size, "preallocation=metadata")
+    _apply(b, p, [f"write -s {{rand}} {size - 65536} 65536"])
+    _truncate_file(p, 65536 - 1001)
+    return _one(b, p, size)
+
+
+@builder("truncated_plain")
+def _truncated_plain(b: Builder) -> list[MatrixImage]:
+    size = 1 * MiB
+    p = b.create("img.qcow2", size, "cluster_size=4k")
+    _apply(b, p, ["write -s {rand} 0 20000", "write -P 1 500000 8192"])
+    _truncate_file(p, 4096 + 333)
+    return _one(b, p, size)
+
+
+@builder("chain_subdir")
+def _chain_subdir(b: Builder) -> list[MatrixImage]:
+    # Relative backing names are resolved against the directory of the image naming them.
+    size = 2 * MiB
+    (b.dir / "sub").mkdir()
+    base = b.create("sub/base.qcow2", size)
+    _apply(b, base, ["write -s {rand} 0 2097152"])
+    mid = b.create("sub/mid.qcow2", size, backing="base.qcow2")
+    _apply(b, mid, ["write -P 1 65536 65536"])
+    top = b.create("top.qcow2", size, backing="sub/mid.qcow2")
+    _apply(b, top, ["write -P 2 131072 1000"])
+    _ = mid
+    return _one(b, top, size)
+
+
+@builder("probed_backing")
+def _probed_backing(b: Builder) -> list[MatrixImage]:
+    # No backing format extension: the backing file's format is probed (here: raw).
+    size = 1 * MiB
+    (b.dir / "base.img").write_bytes(Path(b.rand()).read_bytes()[:size])
+    p = b.create("top.qcow2", size, backing="base.img", backing_fmt="raw")
+    _apply(b, p, ["write -P 1 0 1000"])
+    data = bytearray(p.read_bytes())
+    magic = (0xE2792ACA).to_bytes(4, "big")
+    at = data.index(magic, 0, 4096)
+    data[at:at + 4] = (0x0EADBEEF).to_bytes(4, "big")   # an unknown extension now
+    p.write_bytes(bytes(data))
+    return _one(b, p, size)
+
+
 @builder("sparse_1t")
 def _sparse_1t(b: Builder) -> list[MatrixImage]:
     size = 1 * TiB
@@ -489,20 +576,37 @@ def _windows(case: MatrixImage) -> list[tuple[int, int]]:
     return out
 
 
+def drop_page_cache(case: MatrixImage) -> None:
+    """Evict the case's files from the page cache before asking where their holes are.
+
+    On ext4 a range QEMU zeroed with fallocate is an unwritten extent, and SEEK_DATA reports
+    it as data once its pages were read into the cache (a read, or readahead next to one).
+    qemu-img map (with metadata preallocation) and our extents both ask SEEK_DATA, so they
+    must look at the same, cache-independent, state.
+    """
+    for p in case.path.parent.rglob("*"):
+        if p.is_file() and not p.name.endswith(".oracle.raw"):
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def _oracle(b: Builder, case: MatrixImage) -> None:
+    if case.snapshot is None:   # qemu-img map has no snapshot option
+        drop_page_cache(case)
+        case.map_json = json.loads(b.img("map", "--output=json", str(case.path)))
+        for s, n in _windows(case):
+            got = json.loads(b.img("map", "--output=json", f"--start-offset={s}",
+                                   f"--max-length={n}", str(case.path)))
+            case.windows.append((s, n, got))
     raw = b.dir / f"{case.name}.oracle.raw"
     argv: list[str] = ["convert"]
     if case.snapshot is not None:
         argv += ["-l", case.snapshot]
     b.img(*argv, "-O", "raw", str(case.path), str(raw))
     case.raw = raw
-    if case.snapshot is not None:
-        return   # qemu-img map has no snapshot option
-    case.map_json = json.loads(b.img("map", "--output=json", str(case.path)))
-    for s, n in _windows(case):
-        got = json.loads(b.img("map", "--output=json", f"--start-offset={s}",
-                               f"--max-length={n}", str(case.path)))
-        case.windows.append((s, n, got))
 
 
 def _build_all(root: Path) -> dict[str, MatrixImage]:

@@ -215,18 +215,34 @@ class Qcow2Image(BlockDevice):
 
     def _detect_metadata_preallocation(self) -> bool:
         # qcow2_detect_metadata_preallocation(): many more refcounted clusters than the file
-        # physically holds means the L2 tables map clusters that were never written.
+        # physically holds means the L2 tables map clusters that were never written. Only
+        # the result `count >= threshold` matters, so whole refblocks are counted at once.
+        h = self.header
         cs = self.cluster_size
         file_length = self.store.size()
         real_clusters = self.store.allocated_size() // cs
         threshold = max(real_clusters * 10 // 9, real_clusters + 2)
         end_cluster = (file_length + cs - 1) // cs
+        per_block_bits = h.cluster_bits + 3 - h.refcount_order
+        rt_entries = h.refcount_table_clusters * cs // 8
+        n_blocks = min(rt_entries, (end_cluster + (1 << per_block_bits) - 1) >> per_block_bits)
+        if n_blocks <= 0:
+            return False
+        reftable = _u64_table(self.store.pread(h.refcount_table_offset, n_blocks * 8))
         count = 0
-        i = 0
-        while i < end_cluster and count < threshold:
-            count += 1 if self.get_refcount(i) else 0
-            i += 1
-        return count >= threshold
+        for rt_index, entry in enumerate(reftable):
+            block_off = entry & C.REFT_OFFSET_MASK
+            if not block_off:
+                continue
+            if block_off & (cs - 1):
+                # QEMU signals corruption; the failed detection counts as "not preallocated"
+                return False
+            n = min(1 << per_block_bits, end_cluster - (rt_index << per_block_bits))
+            count += _count_nonzero_refcounts(self.store.pread(block_off, cs), n,
+                                              h.refcount_order)
+            if count >= threshold:
+                return True
+        return False
 
     # ------------------------------------------------------------------ mapping core
     def _l2_offset(self, l1_index: int) -> int:
@@ -413,7 +429,8 @@ class Qcow2Image(BlockDevice):
                 nh = store.next_hole(h)
                 if nh <= h:
                     nh = fsize
-                n = min(length - pos, ((nh + 511) & ~511) - h)
+                # request alignment 1 (buffered I/O): a data run ends exactly at EOF
+                n = min(length - pos, nh - h)
                 yield LayerRun(start + pos, n, STATUS_DATA | STATUS_OFFSET_VALID, h, store)
             pos += n
 
@@ -491,3 +508,18 @@ def _zstd_decompress(data: bytes, cluster_size: int) -> bytes:
             break
         rest = obj.unused_data
     return bytes(out[:cluster_size]) if len(out) >= cluster_size else bytes(out)
+
+
+def _count_nonzero_refcounts(block: bytes, n: int, refcount_order: int) -> int:
+    """How many of the first `n` refcounts of a refblock are non-zero (vectorized)."""
+    import numpy as np
+
+    bits = 1 << refcount_order
+    if bits >= 8:
+        arr = np.frombuffer(block, dtype=np.dtype(f">u{bits // 8}"), count=n)
+        return int(np.count_nonzero(arr))
+    per = 8 // bits
+    raw = np.frombuffer(block, dtype=np.uint8, count=(n + per - 1) // per)
+    # sub-byte refcounts are packed LSB-first within a byte
+    fields = (raw[:, None] >> (np.arange(per, dtype=np.uint8) * bits)) & ((1 << bits) - 1)
+    return int(np.count_nonzero(fields.reshape(-1)[:n]))
