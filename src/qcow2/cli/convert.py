@@ -1,0 +1,327 @@
+"""`qcow2 convert`: qemu-img convert (7.2). Raw output for now; the sources may be any format."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .common import cvtnum, fail, open_failure
+from .main import PROG, UsageError
+
+if TYPE_CHECKING:
+    from ..engine.device import BlockDevice
+    from ..ops.progress import Progress
+
+MAX_COROUTINES = 16
+# qemu-img 7.2 format drivers: ones that can create images (not written here yet), and ones
+# that cannot create at all.
+_CREATABLE_LATER = ("qcow2", "qcow", "qed", "vdi", "vhdx", "vmdk", "vpc", "parallels", "luks")
+_NO_CREATE = ("bochs", "cloop", "dmg", "vvfat", "blkdebug", "blklogwrites", "blkverify",
+              "compress", "copy-before-write", "copy-on-read", "null-aio", "null-co",
+              "preallocate", "quorum", "replication", "snapshot-access", "throttle")
+_UNSUPPORTED_FLAGS = (
+    ("compress", "-c"), ("copy_range", "-C"), ("no_create", "-n"), ("backing", "-B"),
+    ("backing_fmt", "-F"), ("options", "-o"), ("rate", "-r"), ("objects", "--object"),
+    ("image_opts", "--image-opts"), ("target_image_opts", "--target-image-opts"),
+    ("target_is_zero", "--target-is-zero"), ("bitmaps", "--bitmaps"),
+    ("skip_broken", "--skip-broken-bitmaps"), ("salvage", "--salvage"),
+)
+SNAPSHOT_OPT_BASE = "snapshot."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-f", dest="fmt", metavar="fmt", help="source format (probed if absent)")
+    parser.add_argument("-O", dest="out_fmt", metavar="output_fmt", default="raw",
+                        help="output format (raw)")
+    parser.add_argument("-S", dest="sparse", metavar="sparse_size",
+                        help="zero runs of at least this size become holes (default 4k, 0: none)")
+    parser.add_argument("-l", dest="snapshot", metavar="snapshot_param",
+                        help="snapshot.id=ID,snapshot.name=NAME or ID_OR_NAME")
+    parser.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    parser.add_argument("-q", dest="quiet", action="store_true", help="quiet mode")
+    parser.add_argument("-U", "--force-share", dest="force_share", action="store_true",
+                        help="open read-only without locking (always the case here)")
+    parser.add_argument("-m", dest="coroutines", metavar="num_coroutines",
+                        help="parallel requests (1-16)")
+    parser.add_argument("-W", dest="out_of_order", action="store_true",
+                        help="allow out-of-order writes (always the case here)")
+    parser.add_argument("-t", dest="cache", metavar="cache", default="unsafe",
+                        help="target cache mode (default unsafe: no flush)")
+    parser.add_argument("-T", dest="src_cache", metavar="src_cache", default="writeback",
+                        help="source cache mode")
+    # qemu-img options that are not implemented yet: refused with a clear message.
+    parser.add_argument("-c", dest="compress", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("-C", dest="copy_range", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("-n", dest="no_create", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("-B", dest="backing", help=argparse.SUPPRESS)
+    parser.add_argument("-F", dest="backing_fmt", help=argparse.SUPPRESS)
+    parser.add_argument("-o", dest="options", action="append", help=argparse.SUPPRESS)
+    parser.add_argument("-r", dest="rate", help=argparse.SUPPRESS)
+    parser.add_argument("--object", dest="objects", action="append", help=argparse.SUPPRESS)
+    parser.add_argument("--image-opts", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--target-image-opts", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--target-is-zero", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bitmaps", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-broken-bitmaps", dest="skip_broken", action="store_true",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--salvage", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("files", nargs="*", metavar="filename",
+                        help="source image(s), then the output file")
+    # qemu-img (getopt) accepts options after the file names: `convert a.qcow2 -O raw b.raw`.
+    parser.parse_args = parser.parse_intermixed_args  # type: ignore[method-assign]
+
+
+# ----------------------------------------------------------------------------- option parsing
+def parse_coroutines(text: str) -> int:
+    """qemu_strtol(base 0) in [1, 16], else qemu-img's message."""
+    t = text.strip()
+    sign = -1 if t.startswith("-") else 1
+    body = t[1:] if t[:1] in "+-" else t
+    try:
+        if body[:2].lower() == "0x":
+            val = int(body[2:], 16)
+        elif len(body) > 1 and body.startswith("0"):
+            val = int(body[1:], 8)
+        else:
+            val = int(body, 10)
+    except ValueError:
+        val = 0
+    val *= sign
+    if not 1 <= val <= MAX_COROUTINES:
+        raise UsageError("Invalid number of coroutines. Allowed number of coroutines is "
+                         f"between 1 and {MAX_COROUTINES}")
+    return val
+
+
+def parse_sparse(text: str | None) -> int:
+    """-S in bytes -> min_sparse in sectors."""
+    from ..ops.convert import DEFAULT_MIN_SPARSE, MAX_BUF_SECTORS, SECTOR
+
+    if text is None:
+        return DEFAULT_MIN_SPARSE
+    sval = cvtnum("buffer size for sparse output", text)
+    if sval % SECTOR or sval // SECTOR > MAX_BUF_SECTORS:
+        raise UsageError(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of "
+            f"{SECTOR} up to {MAX_BUF_SECTORS * SECTOR}. Select 0 to disable sparse detection "
+            "(fully allocates output).")
+    return sval // SECTOR
+
+
+def _split_opts(text: str) -> list[str]:
+    """QemuOpts' comma split: ',,' is a literal comma."""
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == ",":
+            if text[i + 1:i + 2] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def parse_snapshot_param(text: str) -> tuple[str | None, str | None]:
+    """`snapshot.id=X,snapshot.name=Y` (either key optional) -> (id, name), as QemuOpts."""
+    sid: str | None = None
+    name: str | None = None
+    for part in _split_opts(text):
+        if not part:
+            continue
+        if "=" in part:
+            key, value = part.split("=", 1)
+        else:
+            key = part[2:] if part.startswith("no") else part
+            value = "off" if part.startswith("no") else "on"
+            if key in ("snapshot.id", "snapshot.name"):
+                from .main import error_line
+
+                error_line(f"warning: short-form boolean option '{key}' deprecated")
+                import sys
+
+                sys.stderr.write(f"Please use {key}={value} instead\n")
+        if key == "snapshot.id":
+            sid = value
+        elif key == "snapshot.name":
+            name = value
+        else:
+            raise UsageError(f"Invalid parameter '{key}'\n"
+                             f"{PROG}: Failed in parsing snapshot param '{text}'")
+    return sid, name
+
+
+def check_cache(mode: str) -> bool:
+    from ..ops.convert import CACHE_MODES
+
+    return mode in CACHE_MODES
+
+
+# ----------------------------------------------------------------------------- snapshots
+class SnapshotFailed(Exception):
+    pass
+
+
+def load_snapshot(dev: BlockDevice, sid: str | None, name: str | None) -> None:
+    """bdrv_snapshot_load_tmp(): by id and/or name, or by ID_OR_NAME (`sid is name`)."""
+    from ..engine.image import Qcow2Image
+    from ..errors import Qcow2Error
+
+    if not isinstance(dev, Qcow2Image):
+        raise SnapshotFailed(f"Block format '{dev.format_name}' used by device '' does not "
+                             "support temporarily loading internal snapshots")
+    if sid is not None and sid is name:  # ID_OR_NAME: the id first, then the name
+        cands = [s for s in dev.snapshots if s.id_str == sid] or \
+                [s for s in dev.snapshots if s.name == sid]
+    else:
+        cands = [s for s in dev.snapshots
+                 if (sid is None or s.id_str == sid) and (name is None or s.name == name)]
+    if not cands:
+        raise SnapshotFailed("Can't find snapshot")
+    try:
+        dev.load_snapshot(cands[0].id_str)
+    except Qcow2Error as e:
+        raise SnapshotFailed(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> int:
+    for attr, flag in _UNSUPPORTED_FLAGS:
+        if getattr(args, attr):
+            return fail(f"convert option {flag} is not supported yet")
+    min_sparse = parse_sparse(args.sparse)
+    workers_cap = parse_coroutines(args.coroutines) if args.coroutines is not None else None
+    sn_opts: tuple[str | None, str | None] | None = None
+    snapshot_name: str | None = None
+    if args.snapshot is not None:
+        if args.snapshot.startswith(SNAPSHOT_OPT_BASE):
+            sn_opts = parse_snapshot_param(args.snapshot)
+        else:
+            snapshot_name = args.snapshot
+    if len(args.files) < 2:
+        raise UsageError("Must specify image file name")
+    if not check_cache(args.src_cache):
+        return fail(f"Invalid source cache option: {args.src_cache}")
+
+    from ..ops.progress import Progress
+
+    progress = Progress(args.progress and not args.quiet, 1.0)
+    progress.print(0, 100)
+    ok = False
+    try:
+        ok = _convert(args, min_sparse, workers_cap, sn_opts, snapshot_name, progress)
+    finally:
+        if ok:
+            progress.print(100, 0)
+        progress.end()
+    return 0 if ok else 1
+
+
+def _convert(args: argparse.Namespace, min_sparse: int, workers_cap: int | None,
+             sn_opts: tuple[str | None, str | None] | None, snapshot_name: str | None,
+             progress: Progress) -> bool:
+    from ..engine.open import open_image
+    from ..errors import Qcow2Error
+    from ..ops.convert import ConvertError, ConvertOptions, RawTarget, Source, convert
+
+    src_names: list[str] = args.files[:-1]
+    out_name: str = args.files[-1]
+    fmt: str | None = args.fmt
+    sources: list[Source] = []
+    try:
+        for name in src_names:
+            try:
+                dev = open_image(name, fmt, True, backing_policy="follow")
+            except (Qcow2Error, OSError) as e:
+                fail(open_failure(name, e))
+                return False
+            sources.append(Source(dev, None, name))
+
+        snap: tuple[str | None, str | None] | None = None
+        if sn_opts is not None:
+            snap = sn_opts
+        elif snapshot_name is not None:
+            if len(sources) > 1:
+                fail("No support for concatenating multiple snapshot")
+                return False
+            snap = (snapshot_name, snapshot_name)
+        if snap is not None:
+            try:
+                load_snapshot(sources[0].device, *snap)
+            except SnapshotFailed as e:
+                fail(f"Failed to load snapshot: {e}")
+                return False
+        for i, src in enumerate(sources):
+            src.reopen = _reopener(src.name, fmt, snap if i == 0 else None)
+
+        out_fmt: str = args.out_fmt
+        if out_fmt not in ("raw", "file"):
+            if out_fmt in _CREATABLE_LATER:
+                fail(f"convert -O {out_fmt} is not supported yet (only raw output)")
+            elif out_fmt in _NO_CREATE:
+                fail(f"Format driver '{out_fmt}' does not support image creation")
+            else:
+                fail(f"Unknown file format '{out_fmt}'")
+            return False
+
+        total = sum(s.length for s in sources)
+        try:
+            target = RawTarget(out_name, total, cache=args.cache)
+        except ConvertError as e:
+            fail(str(e))
+            return False
+        try:
+            # qemu-img checks the target cache mode only after creating the target.
+            if not check_cache(args.cache):
+                fail(f"Invalid cache option: {args.cache}")
+                return False
+            from ..ops.convert import default_workers
+
+            workers = default_workers()
+            if workers_cap is not None:
+                workers = min(workers, workers_cap)
+            opts = ConvertOptions(min_sparse=min_sparse, workers=workers,
+                                  progress=progress)
+            try:
+                convert(sources, target, opts)
+            except ConvertError as e:
+                import sys
+
+                for line in e.notes:
+                    sys.stderr.write(line + "\n")
+                fail(str(e))
+                return False
+            except OSError as e:
+                fail(f"error while writing: {e.strerror or e}")
+                return False
+        finally:
+            target.close()
+        return True
+    finally:
+        for s in sources:
+            s.device.close()
+
+
+def _reopener(name: str, fmt: str | None, snap: tuple[str | None, str | None] | None
+              ) -> Callable[[], BlockDevice]:
+    def reopen() -> BlockDevice:
+        from ..engine.open import open_image
+
+        dev = open_image(name, fmt, True, backing_policy="follow")
+        if snap is not None:
+            try:
+                load_snapshot(dev, *snap)
+            except BaseException:
+                dev.close()
+                raise
+        return dev
+
+    return reopen

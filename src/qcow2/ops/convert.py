@@ -1,0 +1,552 @@
+"""convert: copy the guest content of one or more images (concatenated) into a target, as
+`qemu-img convert` does.
+
+The pipeline, with the qemu-img 7.2 function each stage follows:
+
+1. plan: the source extents become status runs, then requests (`convert_iteration_sectors`):
+   zero/unallocated runs are BLK_ZERO, everything else BLK_DATA, cut into 2 MiB requests;
+2. read: each BLK_DATA request is read into a reusable per-thread buffer;
+3. zero detection: the buffer is scanned for zero sectors and split into runs to write and
+   holes to skip (`is_allocated_sectors_min`, vectorised with numpy);
+4. write: the target writes data runs; holes and BLK_ZERO cost nothing when the target reads
+   as zero after creation (`has_zero_init`), else they are written as zeros (-S 0).
+
+Stages 2-4 run in worker threads, each with its own opened copy of every source (the engine's
+caches are per image), so that decompression, copying and zero detection overlap: pread,
+pwrite, zlib, zstd and numpy release the GIL. A `Target` is a small class; raw is the only
+one now, and a qcow2 writer plugs in behind the same interface.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..errors import CorruptImageError, Qcow2Error
+
+if TYPE_CHECKING:
+    from ..engine.device import BlockDevice
+    from .progress import Progress
+
+SECTOR = 512
+BUF_BYTES = 2 << 20          # qemu-img's IO_BUF_SIZE / buf_sectors (4096 sectors)
+BATCH_BYTES = 8 << 20        # what a worker reads at once: fewer, larger reads and writes
+MAX_BUF_SECTORS = 32768      # the largest -S qemu-img accepts (16 MiB)
+DEFAULT_MIN_SPARSE = 8       # -S 4k, in sectors
+MAX_ALIGN = 4096             # file-posix MAX_BLOCKSIZE, used by allocate_first_block()
+_ZERO_BUF = bytes(BUF_BYTES)
+
+
+class ConvertError(Qcow2Error):
+    """A failed conversion; the message is the line qemu-img prints (without its prefix).
+
+    `notes` are lines a QEMU driver prints before it, verbatim (e.g. the qcow2 corruption
+    report).
+    """
+
+    def __init__(self, message: str, notes: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.notes = list(notes)
+
+
+# ----------------------------------------------------------------------------- sources
+@dataclass(slots=True)
+class Source:
+    """One input image. `reopen` opens an independent copy of it for a worker thread."""
+
+    device: BlockDevice
+    reopen: Callable[[], BlockDevice] | None = None
+    name: str = ""
+
+    @property
+    def length(self) -> int:
+        # The block layer counts whole sectors: a qcow2 size that is not a multiple of 512
+        # loses its tail, raw files are already rounded up.
+        return self.device.virtual_size & ~(SECTOR - 1)
+
+    @property
+    def alignment(self) -> int:
+        """qemu-img's src_alignment in bytes: the cluster size, or one sector for raw."""
+        cs = getattr(self.device, "cluster_size", SECTOR)
+        return cs if isinstance(cs, int) and cs >= SECTOR else SECTOR
+
+
+@dataclass(slots=True, frozen=True)
+class Run:
+    """A status run of one source, placed in the target: BLK_DATA if `data`, else BLK_ZERO."""
+
+    src: int
+    src_offset: int
+    offset: int
+    length: int
+    data: bool
+
+
+def _status_error(src_offset: int, e: BaseException) -> ConvertError:
+    return ConvertError(f"error while reading block status at offset {src_offset}: "
+                        f"{io_reason(e)}", corruption_lines(e))
+
+
+def io_reason(e: BaseException) -> str:
+    """What qemu-img prints after an I/O error: strerror, EIO for a driver-level failure."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return "Input/output error"
+
+
+def corruption_lines(e: BaseException) -> list[str]:
+    """The line QEMU's qcow2 driver prints when a read-only image turns out corrupt."""
+    if isinstance(e, CorruptImageError):
+        return [f"qcow2: Image is corrupt: {e}; further non-fatal corruption events will be "
+                "suppressed"]
+    return []
+
+
+def plan_runs(sources: Sequence[Source]) -> list[Run]:
+    """The status runs of all sources, as convert_iteration_sectors() walks them."""
+    runs: list[Run] = []
+    base = 0
+    for i, src in enumerate(sources):
+        length = src.length
+        align = src.alignment
+        pos = 0
+        try:
+            for e in src.device.extents(0, length) if length else ():
+                start, end = e.start, min(e.start + e.length, length)
+                if end <= start:
+                    continue
+                data = not e.zero
+                # qemu-img shortens a run that ends inside a cluster to the cluster boundary
+                # and queries the rest separately: the request grid restarts there.
+                cut = end - end % align
+                if start < cut < end:
+                    _add_run(runs, i, start, base, cut - start, data)
+                    start = cut
+                _add_run(runs, i, start, base, end - start, data)
+                pos = end
+        except (Qcow2Error, OSError) as exc:
+            raise _with_cause(_status_error(pos, exc), exc) from None
+        base += length
+    return runs
+
+
+def _add_run(runs: list[Run], src: int, start: int, base: int, length: int, data: bool) -> None:
+    runs.append(Run(src, start, base + start, length, data))
+
+
+def _with_cause(err: ConvertError, cause: BaseException) -> ConvertError:
+    err.__cause__ = cause
+    return err
+
+
+@dataclass(slots=True, frozen=True)
+class Batch:
+    """Consecutive requests of one status run, handled by one worker with one read.
+
+    `parts` are the lengths of qemu-img's requests (at most 2 MiB each): zero detection runs
+    per request, as in qemu-img, so that the holes are the same whatever the batch size.
+    A BLK_ZERO batch is only written when the target is not zero-initialised.
+    """
+
+    src: int
+    src_offset: int
+    offset: int
+    length: int
+    data: bool
+    parts: tuple[int, ...]
+
+
+def iter_batches(runs: Sequence[Run], buf_bytes: int, batch_bytes: int, zeros_too: bool
+                 ) -> Iterator[Batch]:
+    """Cut status runs into requests of at most `buf_bytes` (data, and zeros with -S 0) and
+    group them into batches of at most `batch_bytes`."""
+    per_batch = max(1, batch_bytes // buf_bytes)
+    for r in runs:
+        if not r.data and not zeros_too:
+            yield Batch(r.src, r.src_offset, r.offset, r.length, False, (r.length,))
+            continue
+        done = 0
+        while done < r.length:
+            parts: list[int] = []
+            n = 0
+            while len(parts) < per_batch and done + n < r.length:
+                k = min(buf_bytes, r.length - done - n)
+                parts.append(k)
+                n += k
+            yield Batch(r.src, r.src_offset + done, r.offset + done, n, r.data, tuple(parts))
+            done += n
+
+
+# ----------------------------------------------------------------------------- zero detection
+def sector_flags(buf: Any, nsectors: int) -> Any:
+    """numpy bool array: True for each 512-byte sector of `buf` holding a non-zero byte."""
+    import numpy as np
+
+    a = np.frombuffer(buf, dtype=np.uint64, count=nsectors * (SECTOR // 8))
+    a = a.reshape(nsectors, SECTOR // 8)
+    # Most data sectors have a non-zero first word: test that first (an eighth of the memory
+    # traffic), and scan whole sectors only for the candidates.
+    nz = a[:, 0] != 0
+    cand = np.flatnonzero(~nz)
+    if cand.size == 0:
+        return nz
+    if cand.size * 8 > nsectors:
+        return np.bitwise_or.reduce(a, axis=1) != 0
+    nz[cand] = np.bitwise_or.reduce(a[cand], axis=1) != 0
+    return nz
+
+
+def allocated_ranges(flags: Any, sector_num: int, min_sparse: int, alignment: int
+                     ) -> list[tuple[int, int]]:
+    """The (first sector, count) ranges, relative to the request, that qemu-img writes.
+
+    `flags[i]` says whether sector i is non-zero. This is convert_co_write()'s loop over
+    is_allocated_sectors_min(): zero runs of at least `min_sparse` sectors become holes, the
+    ends of data runs are aligned up to `alignment` sectors (absolute, from `sector_num`).
+    """
+    import numpy as np
+
+    n = len(flags)
+    if n == 0:
+        return []
+    first = bool(flags[0])
+    changes = np.flatnonzero(flags[1:] != flags[:-1])
+    if changes.size == 0:
+        return [(0, n)] if first else []
+    # run boundaries: change[k] is the first sector of the (k+1)-th run
+    bounds: list[int] = (changes + 1).tolist()
+    bounds.append(n)
+    mask = alignment - 1
+
+    def is_allocated(pos: int) -> tuple[int, bool]:
+        # is_allocated_sectors(buf + pos, n - pos)
+        is_zero = not flags[pos]
+        run_end = bounds[bisect_right(bounds, pos)]
+        i = run_end - pos
+        if run_end == n:
+            return i, not is_zero
+        tail = (sector_num + pos + i) & mask
+        if tail:
+            if is_zero and i <= tail:
+                is_zero = False
+            if not is_zero:
+                i = min(i + alignment - tail, n - pos)
+            else:
+                i -= tail
+        return i, not is_zero
+
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos < n:
+        smin = min(min_sparse, n - pos)
+        i, ret = is_allocated(pos)
+        if not ret:
+            pos += i
+            continue
+        used = checked = i
+        p = pos + i
+        while p < n:
+            k, r = is_allocated(p)
+            p += k
+            checked += k
+            if r:
+                used = checked
+            elif k >= smin:
+                break
+        if out and out[-1][0] + out[-1][1] == pos:
+            out[-1] = (out[-1][0], out[-1][1] + used)
+        else:
+            out.append((pos, used))
+        pos += used
+    return out
+
+
+# ----------------------------------------------------------------------------- targets
+class Target(Protocol):
+    """Where converted data goes. Offsets are guest offsets of the target image."""
+
+    has_zero_init: bool     # reads as zero after creation: holes need no write
+    thread_safe: bool       # write() may run concurrently from several threads
+
+    def write(self, offset: int, data: memoryview) -> None: ...
+    def write_zeroes(self, offset: int, length: int) -> None: ...
+    def finish(self) -> None: ...
+    def close(self) -> None: ...
+
+
+CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe")
+
+
+class RawTarget:
+    """A raw file created like QEMU's file driver does (bdrv_create for `raw`)."""
+
+    thread_safe = True
+
+    def __init__(self, path: str, size: int, *, cache: str = "unsafe", create: bool = True,
+                 zero_init: bool = True) -> None:
+        self.path = path
+        self.size = size
+        self.flush_on_close = cache != "unsafe"
+        flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
+        if create:
+            try:
+                self.fd = os.open(path, flags | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ConvertError(f"{path}: error while converting raw: Could not create "
+                                   f"'{path}': {io_reason(e)}") from None
+            try:
+                # Clear, resize, then allocate the first block as raw_co_create() does (it
+                # speeds up QEMU's alignment probing; we keep it for identical sparseness).
+                os.ftruncate(self.fd, 0)
+                os.ftruncate(self.fd, size)
+                if size:
+                    n = SECTOR if size < MAX_ALIGN else MAX_ALIGN
+                    os.pwrite(self.fd, bytes(n), 0)
+            except OSError as e:
+                os.close(self.fd)
+                raise ConvertError(f"{path}: error while converting raw: Could not resize "
+                                   f"file: {io_reason(e)}") from None
+            self.has_zero_init = zero_init
+        else:
+            self.fd = os.open(path, flags)
+            self.has_zero_init = False
+
+    def write(self, offset: int, data: memoryview) -> None:
+        done = 0
+        n = len(data)
+        while done < n:
+            done += os.pwrite(self.fd, data[done:], offset + done)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        while length > 0:
+            n = min(length, len(_ZERO_BUF))
+            self.write(offset, memoryview(_ZERO_BUF)[:n])
+            offset += n
+            length -= n
+
+    def finish(self) -> None:
+        if self.flush_on_close:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# ----------------------------------------------------------------------------- the copy
+@dataclass
+class ConvertOptions:
+    min_sparse: int = DEFAULT_MIN_SPARSE   # sectors; 0 writes everything (-S 0)
+    buf_bytes: int = BUF_BYTES             # qemu-img's request size
+    batch_bytes: int = BATCH_BYTES         # bytes read at once by a worker
+    workers: int = 0                       # 0: choose from the CPU count
+    progress: Progress | None = None
+
+
+@dataclass
+class _WorkerState:
+    buf: bytearray
+    devices: dict[int, BlockDevice] = field(default_factory=dict)
+
+
+class _Copier:
+    def __init__(self, sources: Sequence[Source], target: Target, opts: ConvertOptions,
+                 threaded: bool) -> None:
+        self.sources = sources
+        self.target = target
+        self.opts = opts
+        self.threaded = threaded
+        self.alignment = max(_pow2floor(opts.min_sparse), 1)
+        self._local = threading.local()
+        self._opened: list[BlockDevice] = []
+        self._lock = threading.Lock()
+        self._write_lock = None if target.thread_safe else threading.Lock()
+        # convert_do_copy(): zero initialisation is only relied on when holes are wanted.
+        self.zero_init = target.has_zero_init and opts.min_sparse != 0
+
+    def _state(self) -> _WorkerState:
+        st: _WorkerState | None = getattr(self._local, "state", None)
+        if st is None:
+            st = _WorkerState(bytearray(max(self.opts.batch_bytes, self.opts.buf_bytes)))
+            self._local.state = st
+        return st
+
+    def _device(self, st: _WorkerState, src: int) -> BlockDevice:
+        if not self.threaded:
+            return self.sources[src].device
+        dev = st.devices.get(src)
+        if dev is None:
+            reopen = self.sources[src].reopen
+            assert reopen is not None
+            dev = reopen()
+            st.devices[src] = dev
+            with self._lock:
+                self._opened.append(dev)
+        return dev
+
+    def do(self, b: Batch) -> None:
+        target = self.target
+        if not b.data:
+            if not self.zero_init:
+                self._write_zeroes(b.offset, b.length)
+            return
+        st = self._state()
+        view = memoryview(st.buf)[:b.length]
+        self._read(st, b, view)
+        try:
+            min_sparse = self.opts.min_sparse
+            if not min_sparse:
+                self._locked(target.write, b.offset, view)
+                return
+            nsec = b.length // SECTOR
+            flags = sector_flags(st.buf, nsec)
+            ranges: list[tuple[int, int]] = []
+            first_sec = 0
+            for part in b.parts:
+                k = part // SECTOR
+                for first, count in allocated_ranges(flags[first_sec:first_sec + k],
+                                                     (b.offset // SECTOR) + first_sec,
+                                                     min_sparse, self.alignment):
+                    first += first_sec
+                    if ranges and ranges[-1][0] + ranges[-1][1] == first:
+                        ranges[-1] = (ranges[-1][0], ranges[-1][1] + count)
+                    else:
+                        ranges.append((first, count))
+                first_sec += k
+            for first, count in ranges:
+                a = first * SECTOR
+                self._locked(target.write, b.offset + a, view[a:a + count * SECTOR])
+            if not self.zero_init:
+                pos = 0
+                for first, count in [*ranges, (nsec, 0)]:
+                    if first > pos:
+                        self._write_zeroes(b.offset + pos * SECTOR, (first - pos) * SECTOR)
+                    pos = first + count
+        except OSError as e:
+            raise _with_cause(ConvertError(
+                f"error while writing at byte {b.offset}: {io_reason(e)}"), e) from None
+
+    def _read(self, st: _WorkerState, b: Batch, view: memoryview) -> None:
+        try:
+            self._device(st, b.src).readinto(b.src_offset, view)
+            return
+        except (Qcow2Error, OSError) as e:
+            err: BaseException = e
+        # Report the failing request as qemu-img does: retry the requests one by one.
+        pos = 0
+        bad = b.offset
+        for part in b.parts:
+            try:
+                self._device(st, b.src).readinto(b.src_offset + pos, view[pos:pos + part])
+            except (Qcow2Error, OSError) as e:
+                err, bad = e, b.offset + pos
+                break
+            pos += part
+        msg = f"error while reading at byte {bad}: {io_reason(err)}"
+        raise _with_cause(ConvertError(msg, corruption_lines(err)), err) from None
+
+    def _write_zeroes(self, offset: int, length: int) -> None:
+        try:
+            self._locked(self.target.write_zeroes, offset, length)
+        except OSError as e:
+            raise _with_cause(ConvertError(
+                f"error while writing at byte {offset}: {io_reason(e)}"), e) from None
+
+    def _locked(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._write_lock is None:
+            fn(*args)
+        else:
+            with self._write_lock:
+                fn(*args)
+
+    def close(self) -> None:
+        for dev in self._opened:
+            dev.close()
+        self._opened.clear()
+
+
+def _pow2floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1) if n > 0 else 0
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def convert(sources: Sequence[Source], target: Target, opts: ConvertOptions | None = None
+            ) -> None:
+    """Copy the concatenated guest content of `sources` into `target`.
+
+    Raises ConvertError with qemu-img's message on a read, block-status or write failure.
+    """
+    opts = opts or ConvertOptions()
+    progress = opts.progress
+    runs = plan_runs(sources)
+    zeros_too = not opts.min_sparse
+    # convert_do_copy() counts the sectors it will copy first: the progress denominator.
+    allocated = sum(r.length for r in runs if r.data or zeros_too)
+    workers = opts.workers or default_workers()
+    threaded = workers > 1 and all(s.reopen is not None for s in sources) and allocated > 0
+    copier = _Copier(sources, target, opts, threaded)
+    done = 0
+
+    def report(b: Batch) -> None:
+        # qemu-img prints once per request, in order
+        nonlocal done
+        if progress is not None and (b.data or zeros_too):
+            for part in b.parts:
+                done += part
+                progress.print(100.0 * done / allocated, 0)
+
+    try:
+        batches = iter_batches(runs, opts.buf_bytes, opts.batch_bytes, zeros_too)
+        if not threaded:
+            for b in batches:
+                report(b)
+                copier.do(b)
+        else:
+            _run_threaded(copier, batches, workers, report)
+        target.finish()
+    finally:
+        copier.close()
+
+
+def _run_threaded(copier: _Copier, batches: Iterator[Batch], workers: int,
+                  report: Callable[[Batch], None]) -> None:
+    window: deque[tuple[Batch, Future[None]]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="convert") as pool:
+        try:
+            for b in batches:
+                if not b.data and copier.zero_init:
+                    # nothing to do: reported in order once the batches before it are done
+                    window.append((b, _DONE))
+                else:
+                    window.append((b, pool.submit(copier.do, b)))
+                while len(window) > 2 * workers or (window and window[0][1].done()):
+                    head, fut = window.popleft()
+                    fut.result()
+                    report(head)
+            while window:
+                head, fut = window.popleft()
+                fut.result()
+                report(head)
+        except BaseException:
+            for _, fut in window:
+                fut.cancel()
+            raise
+
+
+def _done_future() -> Future[None]:
+    f: Future[None] = Future()
+    f.set_result(None)
+    return f
+
+
+_DONE = _done_future()
