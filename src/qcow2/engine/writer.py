@@ -1,0 +1,430 @@
+"""Writing to qcow2 images: allocation, copy-on-write, L2/L1 linking, zero and discard, flush.
+
+Crash safety follows QEMU's ordering (spec §6.1), enforced in `flush()`:
+  1. guest data is made durable before any L2 entry points at it;
+  2. refcount increases are made durable before the L2/L1 entries that use the clusters;
+  3. L2 tables are written before the L1 entries that point at them;
+  4. refcount decreases (COW of shared/compressed clusters, freed tables) come last.
+A crash anywhere leaves at worst leaked clusters. Dirty metadata is bounded: when too many
+L2 tables are dirty, the whole sequence runs early.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from sys import byteorder
+
+from ..errors import (
+    CorruptImageError,
+    MetadataOverlapError,
+    OutOfRangeError,
+    UnsupportedFeatureError,
+)
+from ..format import constants as C
+from ..io import ByteStore
+from .image import Qcow2Image
+from .refcount import Refcounts
+
+MAX_DIRTY_L2 = 256
+# Autoclear bits we keep: data-file-raw. Bitmaps are dropped on a writable open because we
+# do not update them; QEMU then treats them as inconsistent, which is the autoclear contract.
+KEPT_AUTOCLEAR = C.QCOW2_AUTOCLEAR_DATA_FILE_RAW
+
+
+class WritableQcow2Image(Qcow2Image):
+    """A qcow2 layer opened read-write."""
+
+    def __init__(self, store: ByteStore, filename: str, *, l2_cache_size: int | None = None
+                 ) -> None:
+        super().__init__(store, filename, readonly=False, l2_cache_size=l2_cache_size)
+        h = self.header
+        if self.dirty:
+            raise UnsupportedFeatureError(
+                "Image is dirty (lazy refcounts): repair it with 'qemu-img check -r all' "
+                "before opening it read-write")
+        if self.loaded_snapshot is not None:
+            raise UnsupportedFeatureError("cannot write to a loaded snapshot")
+        self.refcounts = Refcounts(store, h.cluster_bits, h.refcount_order,
+                                   h.refcount_table_offset, h.refcount_table_clusters,
+                                   self._set_header_reftable)
+        self._dirty_l2: dict[int, array[int]] = {}
+        self._dirty_l1: set[int] = set()
+        self._data_dirty = False
+        self._meta_clusters: set[int] | None = None
+        self.lazy_refcounts = bool(h.compatible_features & C.QCOW2_COMPAT_LAZY_REFCOUNTS)
+        if h.autoclear_features & ~KEPT_AUTOCLEAR:
+            h.autoclear_features &= KEPT_AUTOCLEAR
+            self.store.pwrite(88, struct.pack(">Q", h.autoclear_features))
+            self.store.flush()
+
+    # ------------------------------------------------------------------ header helpers
+    def _set_header_reftable(self, offset: int, clusters: int) -> None:
+        self.header.refcount_table_offset = offset
+        self.header.refcount_table_clusters = clusters
+        self.store.pwrite(48, struct.pack(">QI", offset, clusters))
+        self._meta_clusters = None
+
+    # ------------------------------------------------------------------ L2 access
+    def _load_l2(self, l2_offset: int) -> array[int]:
+        t = self._dirty_l2.get(l2_offset)
+        if t is not None:
+            return t
+        return super()._load_l2(l2_offset)
+
+    def _l2_table_len(self) -> int:
+        return self.l2_entries * (2 if self.extended_l2 else 1)
+
+    def _l2_for_write(self, l1_index: int) -> tuple[int, array[int]]:
+        """The L2 table for l1_index, allocated or copied (COW) so that it may be modified."""
+        if l1_index >= self.l1_size:
+            raise OutOfRangeError("write beyond the L1 table")
+        entry = self.l1_table[l1_index]
+        old = entry & C.L1E_OFFSET_MASK
+        if old and old & (self.cluster_size - 1):
+            raise CorruptImageError(
+                f"L2 table offset {old:#x} unaligned (L1 index: {l1_index:#x})", offset=old)
+        if old and entry & C.QCOW_OFLAG_COPIED:
+            return old, self.l2_cache.get(old)
+        new = self.refcounts.alloc_clusters(1)
+        if old:
+            t = array("Q", self.l2_cache.get(old))
+            self.refcounts.queue_decrease(old, self.cluster_size)
+        else:
+            t = array("Q", bytes(8 * self._l2_table_len()))
+        self._dirty_l2[new] = t
+        self.l2_cache.get(new)  # cache it (loader returns the dirty table)
+        self.l1_table[l1_index] = new | C.QCOW_OFLAG_COPIED
+        self._dirty_l1.add(l1_index)
+        self._meta_clusters = None
+        self._ensure_file_covers(new + self.cluster_size)
+        return new, t
+
+    def _ensure_file_covers(self, end: int) -> None:
+        if self.store.size() < end:
+            self.store.truncate(end)
+
+    # ------------------------------------------------------------------ overlap check
+    def _metadata(self) -> set[int]:
+        """Host cluster indices holding metadata (QEMU's overlap-check=cached template)."""
+        if self._meta_clusters is not None:
+            return self._meta_clusters
+        cb = self.cluster_bits
+        h = self.header
+        s = {0}
+
+        def span(off: int, length: int) -> None:
+            if length > 0:
+                s.update(range(off >> cb, ((off + length - 1) >> cb) + 1))
+
+        span(h.l1_table_offset, self.l1_size * 8)
+        span(self.refcounts.table_offset, self.refcounts.table_clusters << cb)
+        for e in self.refcounts.table:
+            if e & C.REFT_OFFSET_MASK:
+                s.add((e & C.REFT_OFFSET_MASK) >> cb)
+        for e in self.l1_table:
+            if e & C.L1E_OFFSET_MASK:
+                s.add((e & C.L1E_OFFSET_MASK) >> cb)
+        if h.nb_snapshots:
+            span(h.snapshots_offset, 40 * h.nb_snapshots)
+            for sn in self.snapshots:
+                span(sn.l1_table_offset, sn.l1_size * 8)
+        self._meta_clusters = s
+        return s
+
+    def _check_overlap(self, host: int, length: int) -> None:
+        if self.has_data_file:
+            return
+        meta = self._metadata()
+        cb = self.cluster_bits
+        for ci in range((host >> cb), ((host + length - 1) >> cb) + 1):
+            if ci in meta:
+                raise MetadataOverlapError(
+                    f"Preventing invalid write on metadata (overlaps with cluster {ci:#x})",
+                    offset=ci << cb)
+
+    # ------------------------------------------------------------------ write
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write guest bytes at any offset and length."""
+        view = memoryview(data).cast("B")
+        self._check_range(offset, len(view))
+        if not len(view):
+            return
+        self._zlib_cache_key = None
+        cb = self.cluster_bits
+        span = 1 << (cb + self.l2_bits)
+        pos = offset
+        end = offset + len(view)
+        while pos < end:
+            chunk_end = min(end, (pos // span + 1) * span)
+            self._write_in_table(pos, view[pos - offset:chunk_end - offset])
+            pos = chunk_end
+        self._maybe_flush()
+
+    def _write_in_table(self, offset: int, view: memoryview) -> None:
+        """A write within one L2 table's range."""
+        cs = self.cluster_size
+        cb = self.cluster_bits
+        l1_index = offset >> (cb + self.l2_bits)
+        l2_off, table = self._l2_for_write(l1_index)
+        mask = self.l2_entries - 1
+        end = offset + len(view)
+        pos = offset
+        while pos < end:
+            cl = pos >> cb
+            idx = cl & mask
+            e = table[2 * idx if self.extended_l2 else idx]
+            n = min(end, (cl + 1) << cb) - pos
+            if self._can_write_in_place(e, table, idx, pos, n):
+                # A run of in-place clusters that are host-contiguous: one pwrite.
+                host = (e & C.L2E_OFFSET_MASK) + (pos & (cs - 1))
+                run_end = pos + n
+                while run_end < end:
+                    ncl = run_end >> cb
+                    ne = table[2 * (ncl & mask) if self.extended_l2 else ncl & mask]
+                    nn = min(end, (ncl + 1) << cb) - run_end
+                    if (ncl & mask) == 0 or not self._can_write_in_place(
+                            ne, table, ncl & mask, run_end, nn) or (
+                            ne & C.L2E_OFFSET_MASK) != host + (run_end - pos):
+                        break
+                    run_end += nn
+                self._write_data(host, view[pos - offset:run_end - offset])
+                for c in range(pos >> cb, ((run_end - 1) >> cb) + 1):
+                    if self.extended_l2:
+                        lo = max(pos, c << cb)
+                        hi = min(run_end, (c + 1) << cb)
+                        if self._mark_subclusters_written(table, c & mask, lo, hi):
+                            self._dirty_l2[l2_off] = table
+                    elif table[c & mask] & C.QCOW_OFLAG_ZERO:
+                        table[c & mask] &= ~C.QCOW_OFLAG_ZERO
+                        self._dirty_l2[l2_off] = table
+                pos = run_end
+                continue
+            if not self.extended_l2 and _is_zero_alloc_copied(e):
+                # QEMU keeps a ZERO_ALLOC cluster with COPIED and writes the rest as zeros.
+                host = e & C.L2E_OFFSET_MASK
+                buf = bytearray(cs)
+                buf[pos & (cs - 1):(pos & (cs - 1)) + n] = view[pos - offset:pos - offset + n]
+                self._write_data(host, memoryview(buf))
+                table[idx] = e & ~C.QCOW_OFLAG_ZERO
+                self._dirty_l2[l2_off] = table
+                pos += n
+                continue
+            # Clusters needing allocation: gather a run and allocate it at once.
+            run_end = pos + n
+            while run_end < end:
+                ncl = run_end >> cb
+                if (ncl & mask) == 0:
+                    break
+                ne = table[2 * (ncl & mask) if self.extended_l2 else ncl & mask]
+                nn = min(end, (ncl + 1) << cb) - run_end
+                if self._can_write_in_place(ne, table, ncl & mask, run_end, nn) or (
+                        not self.extended_l2 and _is_zero_alloc_copied(ne)):
+                    break
+                run_end += nn
+            self._allocating_write(table, pos, view[pos - offset:run_end - offset])
+            self._dirty_l2[l2_off] = table
+            pos = run_end
+
+    def _can_write_in_place(self, e: int, table: array[int], idx: int, pos: int, n: int) -> bool:
+        if e & C.QCOW_OFLAG_COMPRESSED or not e & C.QCOW_OFLAG_COPIED:
+            return False
+        off = e & C.L2E_OFFSET_MASK
+        if not off and not self.has_data_file:
+            return False
+        if off & (self.cluster_size - 1):
+            raise CorruptImageError(f"Cluster allocation offset {off:#x} unaligned", offset=off)
+        if not self.extended_l2:
+            # ZERO_ALLOC with COPIED: in place only if the whole cluster is overwritten.
+            return not (e & C.QCOW_OFLAG_ZERO) or n == self.cluster_size
+        # Extended L2: partially written subclusters that are not allocated need COW data
+        # (backing or zeros), which the allocating path handles per subcluster.
+        bitmap = table[2 * idx + 1]
+        sc_bits = self.subcluster_bits
+        base = (pos >> self.cluster_bits) << self.cluster_bits
+        first = (pos - base) >> sc_bits
+        last = (pos + n - 1 - base) >> sc_bits
+        for sc in (first, last):
+            lo = base + (sc << sc_bits)
+            hi = lo + self.subcluster_size
+            partial = pos > lo or pos + n < hi
+            if partial and not (bitmap >> sc) & 1:
+                return False
+        return True
+
+    def _mark_subclusters_written(self, table: array[int], idx: int, lo: int, hi: int) -> bool:
+        """Set the allocation bits of the subclusters [lo, hi) covers; True if changed."""
+        base = (lo >> self.cluster_bits) << self.cluster_bits
+        first = (lo - base) >> self.subcluster_bits
+        last = (hi - 1 - base) >> self.subcluster_bits
+        bits = ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
+        new = (table[2 * idx + 1] | bits) & ~(bits << 32)
+        if new == table[2 * idx + 1]:
+            return False
+        table[2 * idx + 1] = new
+        return True
+
+    def _write_data(self, host: int, data: memoryview) -> None:
+        self._check_overlap(host, len(data))
+        self.data_store.pwrite(host, data)
+        self._data_dirty = True
+
+    def _allocating_write(self, table: array[int], offset: int, view: memoryview) -> None:
+        """Allocate host clusters for the clusters touched by [offset, +len) and write them,
+        copying the untouched parts from what the guest currently sees (COW)."""
+        cs = self.cluster_size
+        cb = self.cluster_bits
+        mask = self.l2_entries - 1
+        first_cl = offset >> cb
+        last_cl = (offset + len(view) - 1) >> cb
+        ncl = last_cl - first_cl + 1
+        base = first_cl << cb
+        if self.extended_l2:
+            self._allocating_write_ext(table, offset, view)
+            return
+        if self.has_data_file:
+            host = base  # guest offset == host offset in the data file
+            self._ensure_data_file_covers(base + ncl * cs)
+        else:
+            host = self.refcounts.alloc_clusters(ncl)
+        buf = bytearray(ncl * cs)
+        bview = memoryview(buf)
+        head = offset - base
+        tail_start = offset + len(view)
+        tail_end = min((last_cl + 1) << cb, self.virtual_size)
+        if head:
+            self._read_layer(base, bview[:head])
+        if tail_start < tail_end:
+            self._read_layer(tail_start, bview[tail_start - base:tail_end - base])
+        bview[head:head + len(view)] = view
+        self._write_data(host, bview)
+        for i in range(ncl):
+            idx = (first_cl + i) & mask
+            old = table[idx]
+            table[idx] = (host + i * cs) | C.QCOW_OFLAG_COPIED
+            self._release_entry(old)
+
+    def _reusable_ext(self, old: int) -> bool:
+        return bool(old & C.QCOW_OFLAG_COPIED and not old & C.QCOW_OFLAG_COMPRESSED and
+                    (old & C.L2E_OFFSET_MASK or self.has_data_file))
+
+    def _allocating_write_ext(self, table: array[int], offset: int, view: memoryview) -> None:
+        cs = self.cluster_size
+        cb = self.cluster_bits
+        scs = self.subcluster_size
+        mask = self.l2_entries - 1
+        end = offset + len(view)
+        # Clusters already allocated to us (COPIED) are reused; the others get one
+        # contiguous run of new host clusters.
+        fresh = sum(1 for cl in range(offset >> cb, ((end - 1) >> cb) + 1)
+                    if not self._reusable_ext(table[2 * (cl & mask)]))
+        if self.has_data_file:
+            self._ensure_data_file_covers(((end - 1) >> cb << cb) + cs)
+            hc = 0
+        else:
+            hc = self.refcounts.alloc_clusters(fresh) if fresh else 0
+        pos = offset
+        while pos < end:
+            cl = pos >> cb
+            base = cl << cb
+            idx = cl & mask
+            old = table[2 * idx]
+            bitmap = table[2 * idx + 1]
+            n = min(end, base + cs) - pos
+            reuse = self._reusable_ext(old)
+            if self.has_data_file:
+                target = base
+            elif reuse:
+                target = old & C.L2E_OFFSET_MASK
+            else:
+                target = hc
+                hc += cs
+            # Subcluster-aligned window around the write; COW only its partial edges. A
+            # compressed cluster has no subclusters: all of it is rewritten.
+            compressed = bool(old & C.QCOW_OFLAG_COMPRESSED)
+            lo = base if compressed else base + ((pos - base) // scs) * scs
+            hi = base + cs if compressed else base + -(-(pos + n - base) // scs) * scs
+            hi = min(hi, max(self.virtual_size, pos + n))
+            buf = bytearray(hi - lo)
+            bv = memoryview(buf)
+            if pos > lo:
+                self._read_layer(lo, bv[:pos - lo])
+            if pos + n < hi:
+                self._read_layer(pos + n, bv[pos + n - lo:])
+            bv[pos - lo:pos - lo + n] = view[pos - offset:pos - offset + n]
+            self._write_data(target + (lo - base), bv)
+            if not self.has_data_file:
+                self._ensure_file_covers(target + cs)
+            new_bitmap = bitmap
+            first = (lo - base) // scs
+            last = (hi - 1 - base) // scs
+            bits = ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
+            if not reuse:
+                # A previously unallocated cluster: its other subclusters keep their state
+                # (zero bits stay zero, unallocated stays unallocated -> backing).
+                new_bitmap = 0 if compressed else bitmap & ~C.QCOW_L2_BITMAP_ALL_ALLOC
+            new_bitmap = (new_bitmap | bits) & ~(bits << 32)
+            table[2 * idx] = target | C.QCOW_OFLAG_COPIED
+            table[2 * idx + 1] = new_bitmap
+            if not reuse:
+                self._release_entry(old)
+            pos += n
+
+    def _ensure_data_file_covers(self, end: int) -> None:
+        if self.data_store.size() < end:
+            self.data_store.truncate(end)
+
+    def _release_entry(self, old: int) -> None:
+        """Drop the reference an overwritten L2 entry held (after the L2 update is durable)."""
+        if self.has_data_file:
+            return
+        if old & C.QCOW_OFLAG_COMPRESSED:
+            # The clusters spanned by the sector-rounded compressed data, as QEMU frees them.
+            coff, csize = self.compressed_layout.decode(old)
+            self.refcounts.queue_decrease(coff, csize)
+            return
+        off = old & C.L2E_OFFSET_MASK
+        if off:
+            self.refcounts.queue_decrease(off, self.cluster_size)
+
+    # ------------------------------------------------------------------ flush
+    def _maybe_flush(self) -> None:
+        if len(self._dirty_l2) > MAX_DIRTY_L2:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make everything written so far durable, in crash-safe order."""
+        if self._data_dirty:
+            self.data_store.flush()
+            self._data_dirty = False
+        self.refcounts.flush_blocks()
+        if self._dirty_l2:
+            for off in sorted(self._dirty_l2):
+                t = self._dirty_l2[off]
+                raw = array("Q", t)
+                if byteorder == "little":
+                    raw.byteswap()
+                self.store.pwrite(off, raw.tobytes())
+            self._dirty_l2.clear()
+            self.store.flush()
+        if self._dirty_l1:
+            for i in sorted(self._dirty_l1):
+                self.store.pwrite(self.header.l1_table_offset + 8 * i,
+                                  struct.pack(">Q", self.l1_table[i]))
+            self._dirty_l1.clear()
+            self.store.flush()
+        if self.refcounts.has_pending_decreases:
+            self.refcounts.apply_decreases()
+            self.refcounts.flush_blocks()
+
+    def close(self) -> None:
+        if not self._closed:
+            try:
+                self.flush()
+            finally:
+                super().close()
+
+
+def _is_zero_alloc_copied(e: int) -> bool:
+    return bool(e & C.QCOW_OFLAG_ZERO and e & C.QCOW_OFLAG_COPIED and e & C.L2E_OFFSET_MASK
+                and not e & C.QCOW_OFLAG_COMPRESSED)
