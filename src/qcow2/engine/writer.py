@@ -387,6 +387,187 @@ class WritableQcow2Image(Qcow2Image):
         if off:
             self.refcounts.queue_decrease(off, self.cluster_size)
 
+    # ------------------------------------------------------------------ zero / discard
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        """Make [offset, +length) read as zeros, with metadata where QEMU would (spec §1.11)."""
+        self._check_range(offset, length)
+        if not length:
+            return
+        self._zlib_cache_key = None
+        scs = self.subcluster_size
+        end = offset + length
+        head_end = min(end, -(-offset // scs) * scs)
+        tail_start = max(head_end, end // scs * scs)
+        if end == self.virtual_size:
+            tail_start = end  # the partial subcluster at the image end counts as whole
+        for lo, hi in ((offset, head_end), (tail_start, end)):
+            if lo < hi and not self._zero_partial(lo, hi, unmap):
+                self.write(lo, bytes(hi - lo))
+        if head_end < tail_start and not self._zeroize(head_end, tail_start, unmap):
+            pos = head_end
+            while pos < tail_start:  # v2 with a backing file: real zeros
+                n = min(tail_start - pos, 1 << 22)
+                self.write(pos, bytes(n))
+                pos += n
+        self._maybe_flush()
+
+    def _zero_partial(self, lo: int, hi: int, unmap: bool) -> bool:
+        """A piece inside one subcluster: zeroize the whole subcluster if the rest of it
+        already reads as zero and it holds no data (QEMU's rule); else the caller writes."""
+        scs = self.subcluster_size
+        s_lo = lo // scs * scs
+        s_hi = min(s_lo + scs, self.virtual_size)
+        if not (self._reads_zero(s_lo, lo) and self._reads_zero(hi, s_hi)):
+            return False
+        kinds = {k for _, _, k, _ in self._map_runs(s_lo, s_hi - s_lo)}
+        if not kinds <= {0, 1, 2, 3}:  # UNALLOCATED_* and ZERO_* only
+            return False
+        return self._zeroize(s_lo, s_hi, unmap)
+
+    def _reads_zero(self, lo: int, hi: int) -> bool:
+        if lo >= hi:
+            return True
+        return all(e.zero for e in self.extents(lo, hi - lo))
+
+    def _zeroize(self, lo: int, hi: int, unmap: bool) -> bool:
+        """qcow2_subcluster_zeroize for a subcluster-aligned range. False: not possible."""
+        if self.data_file_raw:
+            # The raw data file must read like the guest: zero it as well.
+            pos = lo
+            while pos < hi:
+                n = min(hi - pos, 1 << 22)
+                self.data_store.pwrite(pos, bytes(n))
+                pos += n
+            self._data_dirty = True
+        if self.header.version < 3:
+            if self.backing is not None:
+                return False
+            self._discard_clusters(lo, hi, full=True)
+            return True
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        c_lo = -(-lo // cs) * cs
+        c_hi = hi if hi == self.virtual_size else hi // cs * cs
+        c_hi = max(c_lo, c_hi)
+        if lo < min(c_lo, hi):
+            self._zero_subclusters(lo, min(c_lo, hi))
+        pos = c_lo
+        while pos < c_hi:
+            span = 1 << (cb + self.l2_bits)
+            chunk_end = min(c_hi, (pos // span + 1) * span)
+            self._zero_clusters(pos, chunk_end, unmap)
+            pos = chunk_end
+        if max(c_hi, c_lo) < hi:
+            self._zero_subclusters(max(c_hi, c_lo), hi)
+        return True
+
+    def _zero_clusters(self, lo: int, hi: int, unmap: bool) -> None:
+        cb = self.cluster_bits
+        mask = self.l2_entries - 1
+        l2_off, table = self._l2_for_write(lo >> (cb + self.l2_bits))
+        for cl in range(lo >> cb, ((hi - 1) >> cb) + 1):
+            idx = cl & mask
+            if self.extended_l2:
+                old, old_bm = table[2 * idx], table[2 * idx + 1]
+            else:
+                old, old_bm = table[idx], 0
+            allocated = bool(old & C.QCOW_OFLAG_COMPRESSED or old & C.L2E_OFFSET_MASK or
+                             (self.has_data_file and old & C.QCOW_OFLAG_COPIED))
+            drop = bool(old & C.QCOW_OFLAG_COMPRESSED) or (unmap and allocated)
+            new = 0 if drop else old
+            if self.extended_l2:
+                new_bm = C.QCOW_L2_BITMAP_ALL_ZEROES
+                if new == old and new_bm == old_bm:
+                    continue
+                table[2 * idx], table[2 * idx + 1] = new, new_bm
+            else:
+                new |= C.QCOW_OFLAG_ZERO
+                if new == old:
+                    continue
+                table[idx] = new
+            self._dirty_l2[l2_off] = table
+            if drop:
+                self._release_entry(old)
+
+    def _zero_subclusters(self, lo: int, hi: int) -> None:
+        cb = self.cluster_bits
+        l2_off, table = self._l2_for_write(lo >> (cb + self.l2_bits))
+        idx = (lo >> cb) & (self.l2_entries - 1)
+        e = table[2 * idx]
+        if e & C.QCOW_OFLAG_COMPRESSED:
+            # A compressed cluster cannot hold zero subclusters: rewrite it with real zeros.
+            self.write(lo, bytes(hi - lo))
+            return
+        base = (lo >> cb) << cb
+        first = (lo - base) >> self.subcluster_bits
+        last = (hi - 1 - base) >> self.subcluster_bits
+        bits = ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
+        bm = (table[2 * idx + 1] | (bits << 32)) & ~bits
+        if bm != table[2 * idx + 1]:
+            table[2 * idx + 1] = bm
+            self._dirty_l2[l2_off] = table
+
+    def discard(self, offset: int, length: int) -> None:
+        """Drop whole clusters (partial ones are ignored, as QEMU does); v3 makes them read
+        as zero when they held data or a backing file exists, v2 only without backing."""
+        self._check_range(offset, length)
+        if not length:
+            return
+        cs = self.cluster_size
+        lo = -(-offset // cs) * cs
+        end = offset + length
+        hi = end if end == self.virtual_size else end // cs * cs
+        if lo >= hi:
+            return
+        if self.header.version < 3 and self.backing is not None:
+            return
+        self._zlib_cache_key = None
+        self._discard_clusters(lo, hi, full=False)
+        self._maybe_flush()
+
+    def _discard_clusters(self, lo: int, hi: int, full: bool) -> None:
+        cb = self.cluster_bits
+        span = 1 << (cb + self.l2_bits)
+        pos = lo
+        while pos < hi:
+            chunk_end = min(hi, (pos // span + 1) * span)
+            # Without an L2 table there is nothing to drop, unless v3 must mark the range
+            # zero over a backing file.
+            has_l2 = bool(self._l2_offset(pos >> (cb + self.l2_bits)))
+            if has_l2 or (not full and self.header.version >= 3 and self.backing is not None):
+                self._discard_in_table(pos, chunk_end, full)
+            pos = chunk_end
+
+    def _discard_in_table(self, lo: int, hi: int, full: bool) -> None:
+        cb = self.cluster_bits
+        mask = self.l2_entries - 1
+        l2_off, table = self._l2_for_write(lo >> (cb + self.l2_bits))
+        v3 = self.header.version >= 3
+        for cl in range(lo >> cb, ((hi - 1) >> cb) + 1):
+            idx = cl & mask
+            if self.extended_l2:
+                old, old_bm = table[2 * idx], table[2 * idx + 1]
+            else:
+                old, old_bm = table[idx], 0
+            allocated = bool(old & C.QCOW_OFLAG_COMPRESSED or old & C.L2E_OFFSET_MASK or
+                             (self.has_data_file and old & C.QCOW_OFLAG_COPIED))
+            new, new_bm = old, old_bm
+            if full:
+                new = new_bm = 0
+            elif self.backing is not None or allocated:
+                if self.extended_l2:
+                    new, new_bm = 0, C.QCOW_L2_BITMAP_ALL_ZEROES
+                else:
+                    new = C.QCOW_OFLAG_ZERO if v3 else 0
+            if new == old and new_bm == old_bm:
+                continue
+            if self.extended_l2:
+                table[2 * idx], table[2 * idx + 1] = new, new_bm
+            else:
+                table[idx] = new
+            self._dirty_l2[l2_off] = table
+            self._release_entry(old)
+
     # ------------------------------------------------------------------ flush
     def _maybe_flush(self) -> None:
         if len(self._dirty_l2) > MAX_DIRTY_L2:
