@@ -109,7 +109,11 @@ def corruption_lines(e: BaseException) -> list[str]:
 
 
 def plan_runs(sources: Sequence[Source]) -> list[Run]:
-    """The status runs of all sources, as convert_iteration_sectors() walks them."""
+    """The status runs of all sources, as convert_iteration_sectors() walks them.
+
+    qemu-img works in whole sectors: a run ending inside a sector (a raw file's end, a short
+    backing file) is rounded up, and the next status query starts at that sector boundary.
+    """
     runs: list[Run] = []
     base = 0
     for i, src in enumerate(sources):
@@ -118,17 +122,18 @@ def plan_runs(sources: Sequence[Source]) -> list[Run]:
         pos = 0
         try:
             for e in src.device.extents(0, length) if length else ():
-                start, end = e.start, min(e.start + e.length, length)
-                if end <= start:
+                e_end = min(e.start + e.length, length)
+                if e_end <= pos:
                     continue
+                end = min(length, -(-e_end // SECTOR) * SECTOR)
                 data = not e.zero
                 # qemu-img shortens a run that ends inside a cluster to the cluster boundary
                 # and queries the rest separately: the request grid restarts there.
                 cut = end - end % align
-                if start < cut < end:
-                    _add_run(runs, i, start, base, cut - start, data)
-                    start = cut
-                _add_run(runs, i, start, base, end - start, data)
+                if pos < cut < end:
+                    _add_run(runs, i, pos, base, cut - pos, data)
+                    pos = cut
+                _add_run(runs, i, pos, base, end - pos, data)
                 pos = end
         except (Qcow2Error, OSError) as exc:
             raise _with_cause(_status_error(pos, exc), exc) from None
