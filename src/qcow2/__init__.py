@@ -61,13 +61,11 @@ def open(path: str, fmt: str | None = None, readonly: bool = True, *,
     callable (path, kind, referrer) -> bool. open_backing=False ignores the backing file
     (unallocated ranges read as zeros), like qemu-img info. snapshot: read an internal
     snapshot's content instead of the active layer (ID first, then name).
+    readonly=False opens a qcow2 image for writing (write, write_zeroes, discard, flush);
+    close() flushes in crash-safe order.
     """
     from .engine.open import open_image
 
-    if not readonly:
-        from .errors import ReadOnlyImageError as _RO
-
-        raise _RO("writing is not implemented yet; open with readonly=True")
     return open_image(path, fmt, readonly, snapshot=snapshot, backing_policy=backing_policy,
                       open_backing=open_backing, data_file=data_file,
                       l2_cache_size=l2_cache_size)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import NoReturn
 
@@ -19,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "map": ("qcow2.cli.map", "dump the metadata of an image"),
     "convert": ("qcow2.cli.convert", "convert an image to another format"),
     "compare": ("qcow2.cli.compare", "check whether two images have the same content"),
+    "io": ("qcow2.cli.io", "run qemu-io style commands on an image"),
 }
 
 
@@ -75,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a bug: still one line for users; QCOW2_DEBUG=1 shows the trace
+        if os.environ.get("QCOW2_DEBUG"):
+            raise
+        error_line(f"internal error: {type(e).__name__}: {e}")
+        return 1
 
 
 def entry() -> NoReturn:

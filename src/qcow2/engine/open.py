@@ -109,7 +109,12 @@ def _open_store(store: ByteStore, path: str, fmt: str | None, readonly: bool, *,
         backing_name = dev.backing_file
         backing_fmt = None
     else:
-        img = Qcow2Image(store, path, readonly=readonly, l2_cache_size=l2_cache_size)
+        if readonly:
+            img = Qcow2Image(store, path, readonly=True, l2_cache_size=l2_cache_size)
+        else:
+            from .writer import WritableQcow2Image
+
+            img = WritableQcow2Image(store, path, l2_cache_size=l2_cache_size)
         dev = img
         backing_name = img.backing_file
         backing_fmt = img.backing_format
@@ -157,8 +162,10 @@ def _attach_data_file(img: Qcow2Image, path: str, data_file: str | None, policy:
     name = data_file if data_file is not None else img.data_file_name
     if not name:
         raise InvalidImageError("'data-file' is required for this image")
-    # QEMU opens the data file relative to the current directory, not to the image.
-    _check_policy(policy, os.path.abspath(name), "data file", path)
+    if data_file is None:
+        # Only a name taken from the image is the image's choice; an explicit data_file is
+        # the caller's. QEMU opens it relative to the current directory, not to the image.
+        _check_policy(policy, os.path.abspath(name), "data file", path)
     try:
         img.data_store = FileStore(name, writable=not readonly)
     except OSError as e:
