@@ -101,8 +101,12 @@ def io_reason(e: BaseException) -> str:
 
 
 def corruption_lines(e: BaseException) -> list[str]:
-    """The line QEMU's qcow2 driver prints when a read-only image turns out corrupt."""
-    if isinstance(e, CorruptImageError):
+    """The line qcow2_signal_corruption() prints when a read-only image turns out corrupt.
+
+    Only metadata corruption is signalled so (the engine marks it fatal); a compressed cluster
+    that does not inflate is a plain EIO in QEMU.
+    """
+    if isinstance(e, CorruptImageError) and e.fatal:
         return [f"qcow2: Image is corrupt: {e}; further non-fatal corruption events will be "
                 "suppressed"]
     return []
