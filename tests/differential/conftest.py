@@ -537,6 +537,32 @@ def _probed_backing(b: Builder) -> list[MatrixImage]:
     return _one(b, p, size)
 
 
+def _poke_size(path: Path, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(24)
+        f.write(size.to_bytes(8, "big"))
+
+
+@builder("odd_header_size")
+def _odd_header_size(b: Builder) -> list[MatrixImage]:
+    # A header size that is not a multiple of 512: QEMU drops the partial last sector.
+    p = b.create("img.qcow2", 1 * MiB, "cluster_size=4k")
+    _apply(b, p, ["write -s {rand} 0 1048576"])
+    _poke_size(p, 1 * MiB - 4096 + 1000)
+    return _one(b, p, 1 * MiB - 4096 + 512)
+
+
+@builder("odd_size_backing")
+def _odd_size_backing(b: Builder) -> list[MatrixImage]:
+    base = b.create("base.qcow2", 1 * MiB, "cluster_size=4k")
+    _apply(b, base, ["write -s {rand} 0 1048576"])
+    _poke_size(base, 1 * MiB - 4096 + 1000)
+    size = 2 * MiB
+    top = b.create("top.qcow2", size, "cluster_size=64k", backing="base.qcow2")
+    _apply(b, top, ["write -P 1 1200000 10"])
+    return _one(b, top, size)
+
+
 @builder("sparse_1t")
 def _sparse_1t(b: Builder) -> list[MatrixImage]:
     size = 1 * TiB

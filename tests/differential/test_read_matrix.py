@@ -6,11 +6,15 @@ from __future__ import annotations
 import io
 import random
 import shutil
+import zlib
+from pathlib import Path
 
 import pytest
 
 import qcow2
 from qcow2.engine.device import BlockDevice
+from qcow2.engine.image import Qcow2Image
+from tests.conftest import qemu_img, qemu_io
 from tests.differential.conftest import CASE_NAMES, SEED, MatrixImage, MiB
 
 pytestmark = pytest.mark.oracle
@@ -95,3 +99,61 @@ def test_zero_extents_read_as_zero(matrix: dict[str, MatrixImage], name: str) ->
                 assert data[e.start:e.start + e.length].count(0) == e.length, e
             pos += e.length
         assert pos == case.size
+
+
+# ----------------------------------------------------------------------------- damaged streams
+def _zstd_frames(*parts: bytes) -> bytes:
+    import zstandard
+
+    return b"".join(zstandard.ZstdCompressor().compress(p) for p in parts)
+
+
+def _deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(6, zlib.DEFLATED, -12, 9, zlib.Z_DEFAULT_STRATEGY)
+    return c.compress(data) + c.flush()
+
+
+CS = 65536
+# (id, compression type, replacement stream for the first compressed cluster, QEMU reads it?)
+STREAMS: list[tuple[str, str, bytes, bool]] = [
+    ("zstd-frame-larger-than-cluster", "zstd", _zstd_frames(b"\x01" * (CS + 100)), False),
+    ("zstd-frame-shorter-than-cluster", "zstd", _zstd_frames(b"\x01" * (CS - 100)), False),
+    ("zstd-two-frames", "zstd", _zstd_frames(b"\x02" * (CS // 2), b"\x03" * (CS // 2)), True),
+    ("zstd-two-frames-overflowing", "zstd",
+     _zstd_frames(b"\x02" * (CS // 2), b"\x03" * (CS // 2 + 1)), False),
+    ("zstd-garbage", "zstd", b"\x11" * 64, False),
+    ("zlib-short-stream", "zlib", _deflate(b"\x04" * (CS - 100)), False),
+    ("zlib-long-stream", "zlib", _deflate(b"\x05" * (CS + 100)), True),
+    ("zlib-garbage", "zlib", b"\xff" * 64, False),
+]
+
+
+@pytest.mark.parametrize(("ctype", "stream", "qemu_ok"),
+                         [s[1:] for s in STREAMS], ids=[s[0] for s in STREAMS])
+def test_damaged_compressed_cluster_like_qemu(tmp_path: Path, ctype: str, stream: bytes,
+                                              qemu_ok: bool) -> None:
+    p = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"compression_type={ctype}", p, "1M")
+    rnd = random.Random(7)
+    text = bytes(rnd.choices(b"ab \n", k=CS))   # compresses to well over 100 bytes
+    src = tmp_path / "src"
+    src.write_bytes(text)
+    qemu_io(p, f"write -c -s {src} 0 {CS}", f"write -c -s {src} {CS} {CS}", fmt="qcow2")
+    with qcow2.open(str(p)) as img:
+        assert isinstance(img, Qcow2Image)
+        entry = next(h for _, _, kind, h in img._map_runs(0, CS))
+        assert entry is not None
+        coffset, csize = img.compressed_layout.decode(entry)
+    assert len(stream) <= csize
+    with open(p, "r+b") as f:
+        f.seek(coffset)
+        f.write(stream)
+    r = qemu_img("convert", "-O", "raw", p, tmp_path / "out.raw", check=False)
+    assert (r.returncode == 0) == qemu_ok, r.stderr
+    with qcow2.open(str(p)) as img:
+        if qemu_ok:
+            assert img.read(0, 2 * CS) == (tmp_path / "out.raw").read_bytes()[:2 * CS]
+        else:
+            with pytest.raises(qcow2.CorruptImageError, match="decompress"):
+                img.read(0, 2 * CS)
+            assert img.read(CS, CS) == text   # the neighbour in the same host cluster is fine

@@ -107,7 +107,9 @@ class Qcow2Image(BlockDevice):
         self.subclusters_per_cluster = C.QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER if h.extended_l2 else 1
         self.subcluster_bits = h.cluster_bits - (5 if h.extended_l2 else 0)
         self.subcluster_size = 1 << self.subcluster_bits
-        self.virtual_size = h.size
+        # QEMU counts whole 512-byte sectors (total_sectors = size / 512): a crafted size that
+        # is not a multiple of 512 loses its partial last sector, as qemu-img info shows.
+        self.virtual_size = h.size & ~511
         self.compressed_layout = CompressedLayout(h.cluster_bits)
         self.cluster0 = store.pread(0, cs)
         self.extensions: HeaderExtensions = parse_extensions(self.cluster0, h)
@@ -494,20 +496,39 @@ class Qcow2Image(BlockDevice):
 
 
 def _zstd_decompress(data: bytes, cluster_size: int) -> bytes:
-    """Stream-decompress until a whole cluster is produced (QEMU accepts extra frames/trailing bytes)."""
+    """QEMU's qcow2_zstd_decompress(): decode frames until exactly one cluster is produced.
+
+    Several frames, and any bytes after the frame that completes the cluster, are accepted.
+    A frame still unfinished when the cluster is full (it would produce more), too little
+    output or a decoding error give b"" (the caller reports the cluster as corrupt). Memory
+    stays bounded by the cluster size whatever a hostile frame header claims.
+    """
     import zstandard
 
+    unknown = zstandard.CONTENTSIZE_UNKNOWN
+    dctx = zstandard.ZstdDecompressor()
     out = bytearray()
     rest = data
-    dctx = zstandard.ZstdDecompressor()
-    while len(out) < cluster_size and rest:
-        obj = dctx.decompressobj()
+    while len(out) < cluster_size:
+        need = cluster_size - len(out)
         try:
-            out += obj.decompress(rest)
+            declared = zstandard.get_frame_parameters(rest).content_size
+            if declared != unknown and declared > need:
+                return b""
+            if declared == unknown:
+                # no size in the header: decode at most one byte too many to find out
+                with dctx.stream_reader(rest, read_across_frames=False) as reader:
+                    if len(reader.read(need + 1)) > need:
+                        return b""
+            obj = dctx.decompressobj()
+            chunk = obj.decompress(rest)
         except zstandard.ZstdError:
-            break
+            return b""
+        if not obj.eof or (not chunk and len(obj.unused_data) >= len(rest)):
+            return b""   # truncated frame, or no progress
+        out += chunk
         rest = obj.unused_data
-    return bytes(out[:cluster_size]) if len(out) >= cluster_size else bytes(out)
+    return bytes(out)
 
 
 def _count_nonzero_refcounts(block: bytes, n: int, refcount_order: int) -> int:
