@@ -369,18 +369,19 @@ class Qcow2Image(BlockDevice):
             base = cl << cbits
             while pos < cl_end:
                 sc = (pos - base) >> scbits
-                bit = 1 << sc
-                if zero_bits & bit:
+                z = (zero_bits >> sc) & 1
+                a = (alloc_bits >> sc) & 1
+                if z:
                     kind = _ZERO_ALLOC if allocated else _ZERO_PLAIN
-                elif alloc_bits & bit:
+                elif a:
                     kind = _NORMAL
                 else:
                     kind = _UNALLOC_ALLOC if allocated else _UNALLOC_PLAIN
-                # extend over following subclusters of the same kind
-                sc_end = sc + 1
-                while sc_end < 32 and ((zero_bits >> sc_end) & 1, (alloc_bits >> sc_end) & 1) == (
-                        (zero_bits >> sc) & 1, (alloc_bits >> sc) & 1):
-                    sc_end += 1
+                # The run of same-kind subclusters ends at the first bit (at or above sc) where
+                # either bitmap differs from subcluster sc: found with bit arithmetic, not a loop.
+                diff = ((zero_bits ^ (0xFFFFFFFF if z else 0)) |
+                        (alloc_bits ^ (0xFFFFFFFF if a else 0))) >> sc
+                sc_end = sc + (diff & -diff).bit_length() - 1 if diff else 32
                 stop = min(cl_end, base + (sc_end << scbits))
                 host = off + (pos - base) if (allocated and kind in _HOST_KINDS) else None
                 yield pos, stop - pos, kind, host
@@ -532,15 +533,26 @@ def _zstd_decompress(data: bytes, cluster_size: int) -> bytes:
 
 
 def _count_nonzero_refcounts(block: bytes, n: int, refcount_order: int) -> int:
-    """How many of the first `n` refcounts of a refblock are non-zero (vectorized)."""
-    import numpy as np
+    """How many of the first `n` refcounts of a refblock are non-zero.
 
+    C-level counting (array.count, int.bit_count) instead of a loop per entry, and without
+    importing numpy just to open an image.
+    """
     bits = 1 << refcount_order
     if bits >= 8:
-        arr = np.frombuffer(block, dtype=np.dtype(f">u{bits // 8}"), count=n)
-        return int(np.count_nonzero(arr))
-    per = 8 // bits
-    raw = np.frombuffer(block, dtype=np.uint8, count=(n + per - 1) // per)
-    # sub-byte refcounts are packed LSB-first within a byte
-    fields = (raw[:, None] >> (np.arange(per, dtype=np.uint8) * bits)) & ((1 << bits) - 1)
-    return int(np.count_nonzero(fields.reshape(-1)[:n]))
+        width = bits // 8
+        data = block[:n * width]
+        if width == 1:
+            return n - data.count(0)
+        t = array({2: "H", 4: "I" if array("I").itemsize == 4 else "L", 8: "Q"}[width])
+        t.frombytes(data)   # byte order does not matter for a test against zero
+        return n - t.count(0)
+    # Sub-byte refcounts are packed LSB-first: fold every field onto its lowest bit.
+    x = int.from_bytes(block[:(n * bits + 7) // 8], "little") & ((1 << (n * bits)) - 1)
+    if bits >= 2:
+        x |= x >> 1
+    if bits == 4:
+        x |= x >> 2
+    low_bits = int.from_bytes(bytes([{1: 0xFF, 2: 0x55, 4: 0x11}[bits]]) * ((n * bits + 7) // 8),
+                              "little")
+    return (x & low_bits).bit_count()
