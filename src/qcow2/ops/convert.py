@@ -19,7 +19,9 @@ one now, and a qcow2 writer plugs in behind the same interface.
 
 from __future__ import annotations
 
+import mmap
 import os
+import stat
 import threading
 from bisect import bisect_right
 from collections import deque
@@ -70,6 +72,19 @@ class Source:
         # loses its tail, raw files are already rounded up.
         return self.device.virtual_size & ~(SECTOR - 1)
 
+    def host_files(self) -> dict[str, int]:
+        """File descriptors of the local files the chain reads from, by name (as extents
+        name them): data found there can be read through a mapping of the very same file."""
+        out: dict[str, int] = {}
+        for layer in self.device.chain():
+            for attr in ("store", "data_store"):
+                store = getattr(layer, attr, None)
+                fd = getattr(store, "fd", None)
+                name = getattr(store, "name", None)
+                if isinstance(fd, int) and fd >= 0 and isinstance(name, str):
+                    out.setdefault(name, fd)
+        return out
+
     @property
     def alignment(self) -> int:
         """qemu-img's src_alignment in bytes: the cluster size, or one sector for raw."""
@@ -86,6 +101,10 @@ class Run:
     offset: int
     length: int
     data: bool
+    # where the bytes lie unchanged in a host file (raw, uncompressed qcow2 data): read them
+    # through a shared mapping instead of the engine
+    host_fd: int | None = None
+    host_offset: int = 0
 
 
 def _status_error(src_offset: int, e: BaseException) -> ConvertError:
@@ -123,6 +142,7 @@ def plan_runs(sources: Sequence[Source]) -> list[Run]:
     for i, src in enumerate(sources):
         length = src.length
         align = src.alignment
+        files = src.host_files()
         pos = 0
         try:
             for e in src.device.extents(0, length) if length else ():
@@ -131,13 +151,17 @@ def plan_runs(sources: Sequence[Source]) -> list[Run]:
                     continue
                 end = min(length, -(-e_end // SECTOR) * SECTOR)
                 data = not e.zero
+                host: tuple[int, int] | None = None
+                if (data and e.host_offset is not None and e.filename in files
+                        and end <= e_end):
+                    host = (files[e.filename], e.host_offset - e.start)
                 # qemu-img shortens a run that ends inside a cluster to the cluster boundary
                 # and queries the rest separately: the request grid restarts there.
                 cut = end - end % align
                 if pos < cut < end:
-                    _add_run(runs, i, pos, base, cut - pos, data)
+                    _add_run(runs, i, pos, base, cut - pos, data, host)
                     pos = cut
-                _add_run(runs, i, pos, base, end - pos, data)
+                _add_run(runs, i, pos, base, end - pos, data, host)
                 pos = end
         except (Qcow2Error, OSError) as exc:
             raise _with_cause(_status_error(pos, exc), exc) from None
@@ -145,8 +169,12 @@ def plan_runs(sources: Sequence[Source]) -> list[Run]:
     return runs
 
 
-def _add_run(runs: list[Run], src: int, start: int, base: int, length: int, data: bool) -> None:
-    runs.append(Run(src, start, base + start, length, data))
+def _add_run(runs: list[Run], src: int, start: int, base: int, length: int, data: bool,
+             host: tuple[int, int] | None) -> None:
+    if host is None:
+        runs.append(Run(src, start, base + start, length, data))
+    else:
+        runs.append(Run(src, start, base + start, length, data, host[0], host[1] + start))
 
 
 def _with_cause(err: ConvertError, cause: BaseException) -> ConvertError:
@@ -169,6 +197,8 @@ class Batch:
     length: int
     data: bool
     parts: tuple[int, ...]
+    host_fd: int | None = None
+    host_offset: int = 0
 
 
 def iter_batches(runs: Sequence[Run], buf_bytes: int, batch_bytes: int, zeros_too: bool
@@ -188,7 +218,8 @@ def iter_batches(runs: Sequence[Run], buf_bytes: int, batch_bytes: int, zeros_to
                 k = min(buf_bytes, r.length - done - n)
                 parts.append(k)
                 n += k
-            yield Batch(r.src, r.src_offset + done, r.offset + done, n, r.data, tuple(parts))
+            yield Batch(r.src, r.src_offset + done, r.offset + done, n, r.data, tuple(parts),
+                        r.host_fd, r.host_offset + done)
             done += n
 
 
@@ -377,6 +408,7 @@ class _Copier:
         self._opened: list[BlockDevice] = []
         self._lock = threading.Lock()
         self._write_lock = None if target.thread_safe else threading.Lock()
+        self._mmaps: dict[int, mmap.mmap | None] = {}
         # convert_do_copy(): zero initialisation is only relied on when holes are wanted.
         self.zero_init = target.has_zero_init and opts.min_sparse != 0
 
@@ -406,16 +438,20 @@ class _Copier:
             if not self.zero_init:
                 self._write_zeroes(b.offset, b.length)
             return
-        st = self._state()
-        view = memoryview(st.buf)[:b.length]
-        self._read(st, b, view)
+        mapped = self._mapped(b) if b.host_fd is not None else None
+        if mapped is not None:
+            view = mapped
+        else:
+            st = self._state()
+            view = memoryview(st.buf)[:b.length]
+            self._read(st, b, view)
         try:
             min_sparse = self.opts.min_sparse
             if not min_sparse:
                 self._locked(target.write, b.offset, view)
                 return
             nsec = b.length // SECTOR
-            flags = sector_flags(st.buf, nsec)
+            flags = sector_flags(view, nsec)
             ranges: list[tuple[int, int]] = []
             first_sec = 0
             for part in b.parts:
@@ -441,6 +477,29 @@ class _Copier:
         except OSError as e:
             raise _with_cause(ConvertError(
                 f"error while writing at byte {b.offset}: {io_reason(e)}"), e) from None
+        finally:
+            if mapped is not None:
+                mapped.release()
+
+    def _mapped(self, b: Batch) -> memoryview | None:
+        """The batch's bytes in a read-only mapping of their host file, if they are there.
+
+        Data that lies unchanged in a host file (raw images, uncompressed qcow2 clusters) is
+        then scanned and written straight from the page cache: no copy into a buffer, no
+        engine work per read. Ranges past the end of the file read as zeros through the engine.
+        """
+        fd = b.host_fd
+        assert fd is not None
+        try:
+            mm = self._mmaps[fd]
+        except KeyError:
+            with self._lock:
+                if fd not in self._mmaps:
+                    self._mmaps[fd] = _map_file(fd)
+                mm = self._mmaps[fd]
+        if mm is None or b.host_offset + b.length > len(mm):
+            return None
+        return memoryview(mm)[b.host_offset:b.host_offset + b.length]
 
     def _read(self, st: _WorkerState, b: Batch, view: memoryview) -> None:
         try:
@@ -479,6 +538,25 @@ class _Copier:
         for dev in self._opened:
             dev.close()
         self._opened.clear()
+        for mm in self._mmaps.values():
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:
+                    pass    # a view is still referenced (an exception's frame): GC unmaps it
+        self._mmaps.clear()
+
+
+def _map_file(fd: int) -> mmap.mmap | None:
+    """A read-only shared mapping of a regular file, or None if it cannot be mapped."""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return None
+        # mmap keeps its own duplicate of the descriptor
+        return mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
+    except (OSError, ValueError, OverflowError):
+        return None
 
 
 def _pow2floor(n: int) -> int:
