@@ -262,3 +262,47 @@ def test_l2_cache_stays_bounded(tmp_path: Path) -> None:
         assert isinstance(img, Qcow2Image)
         assert img.l2_cache.capacity == 2
         assert img.read(0, spec.size) == bytes(model)
+
+
+# ----------------------------------------------------------------------------- error messages
+BROKEN_BACKINGS = [
+    # (id, backing name, backing format, what to create under that name)
+    ("missing", "nonexist.img", "raw", None),
+    ("wrong-format", "raw.img", "qcow2", "raw"),
+    ("directory", "d", "raw", "dir"),
+    ("missing-two-levels-down", "mid.qcow2", "qcow2", "mid-missing"),
+    ("wrong-format-two-levels-down", "mid.qcow2", "qcow2", "mid-wrong-format"),
+]
+
+
+@pytest.mark.parametrize(("name", "fmt", "make"), [b[1:] for b in BROKEN_BACKINGS],
+                         ids=[b[0] for b in BROKEN_BACKINGS])
+def test_broken_backing_messages_match_qemu(tmp_path: Path, oracle: None, name: str, fmt: str,
+                                            make: str | None) -> None:
+    if make == "raw":
+        (tmp_path / name).write_bytes(bytes(1 << 20))
+    elif make == "dir":
+        (tmp_path / name).mkdir()
+    elif make is not None:
+        (tmp_path / "raw.img").write_bytes(bytes(1 << 20))
+        below, below_fmt = ("gone.img", "raw") if make == "mid-missing" else ("raw.img", "qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", below, "-F", below_fmt,
+                 tmp_path / name, "1M")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", name, "-F", fmt, top, "1M")
+    r = qemu_img("map", top, check=False)
+    assert r.returncode == 1
+    with pytest.raises(qcow2.BackingChainError) as ei:
+        qcow2.open(str(top), backing_policy="follow")
+    assert r.stderr.strip() == f"qemu-img: Could not open '{top}': {ei.value}"
+
+
+def test_directory_and_fifo_are_not_images(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    with pytest.raises(qcow2.InvalidImageError, match=r"'file' driver requires .* regular file"):
+        qcow2.open(str(tmp_path / "d"))
+    # QEMU blocks forever opening a FIFO backing file; we refuse it before opening
+    os.mkfifo(tmp_path / "fifo")
+    _write(tmp_path / "top.qcow2", "fifo", fmt="raw")
+    with pytest.raises(qcow2.BackingChainError, match="regular file"):
+        qcow2.open(str(tmp_path / "top.qcow2"))

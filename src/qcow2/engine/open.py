@@ -11,6 +11,7 @@ server read arbitrary files. "follow" behaves like QEMU (the CLI uses it, as qem
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from typing import Literal
 
@@ -67,6 +68,18 @@ def _check_policy(policy: Policy, path: str, kind: str, referrer: str) -> None:
             "(pass backing_policy='follow' to open it like QEMU)")
 
 
+def open_file(path: str, writable: bool = False) -> FileStore:
+    """Open an image file the way QEMU's file/host_device protocols accept it.
+
+    Regular files and block or character devices only: a directory is refused with QEMU's
+    message, and a FIFO (on which QEMU blocks forever) is refused before it can block us.
+    """
+    st = os.stat(path)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        raise InvalidImageError(f"'file' driver requires '{path}' to be a regular file")
+    return FileStore(path, writable=writable)
+
+
 def open_image(path: str, fmt: str | None = None, readonly: bool = True, *,
                snapshot: str | None = None, backing_policy: Policy = "beside",
                open_backing: bool = True, data_file: str | None = None,
@@ -76,7 +89,7 @@ def open_image(path: str, fmt: str | None = None, readonly: bool = True, *,
     if fmt is not None and fmt not in FORMATS:
         raise InvalidImageError(f"Unknown driver '{fmt}'")
     try:
-        store: ByteStore = FileStore(path, writable=not readonly)
+        store: ByteStore = open_file(path, writable=not readonly)
     except OSError as e:
         if _depth:
             raise BackingChainError(f"Could not open '{path}': {e.strerror}") from None
@@ -144,9 +157,13 @@ def _open_store(store: ByteStore, path: str, fmt: str | None, readonly: bool, *,
             dev.close()
             raise BackingChainError(msg if "infinite loop" in msg or "policy" in msg
                                     else f"Could not open backing file: {msg}") from None
-        except (Qcow2Error, OSError) as e:
+        except Qcow2Error as e:
+            # a format error names no file, as in QEMU: "...: Image is not in qcow2 format"
             dev.close()
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise BackingChainError(f"Could not open backing file: {e}") from None
+        except OSError as e:
+            dev.close()
+            reason = e.strerror or str(e)
             raise BackingChainError(
                 f"Could not open backing file: Could not open '{full}': {reason}") from None
     return dev
@@ -167,6 +184,8 @@ def _attach_data_file(img: Qcow2Image, path: str, data_file: str | None, policy:
         # the caller's. QEMU opens it relative to the current directory, not to the image.
         _check_policy(policy, os.path.abspath(name), "data file", path)
     try:
-        img.data_store = FileStore(name, writable=not readonly)
+        img.data_store = open_file(name, writable=not readonly)
     except OSError as e:
         raise BackingChainError(f"Could not open '{name}': {e.strerror}") from None
+    except InvalidImageError as e:
+        raise BackingChainError(str(e)) from None
