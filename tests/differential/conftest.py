@@ -563,6 +563,77 @@ def _odd_size_backing(b: Builder) -> list[MatrixImage]:
     return _one(b, top, size)
 
 
+@builder("short_backing_extl2")
+def _short_backing_extl2(b: Builder) -> list[MatrixImage]:
+    # Extended L2 over a short backing file: allocated clusters with unallocated subclusters
+    # (UNALLOCATED_ALLOC, which carry a host offset) straddle the backing file's end.
+    base = b.create("base.qcow2", 1 * MiB + 8192, "cluster_size=4k")
+    _apply(b, base, [f"write -s {{rand}} 0 {1 * MiB + 8192}"])
+    size = 3 * MiB
+    top = b.create("top.qcow2", size, "extended_l2=on", "cluster_size=64k", backing="base.qcow2")
+    _apply(b, top, ["write -P 1 1050000 100", "write -P 2 1064960 2048",
+                    "write -z 1120000 5000", "write -P 3 2000000 10"])
+    return _one(b, top, size)
+
+
+@builder("snap_overlay_active", "snap_overlay_s", snapshots=("snap_overlay_s",))
+def _snap_overlay(b: Builder) -> list[MatrixImage]:
+    size = 2 * MiB
+    base = b.create("base.qcow2", size)
+    _apply(b, base, ["write -s {rand} 0 2097152"])
+    top = b.create("top.qcow2", size, "cluster_size=16k", backing="base.qcow2")
+    _apply(b, top, ["write -P 1 100000 50000", "write -z 300000 40000"])
+    b.img("snapshot", "-c", "s", str(top))
+    _apply(b, top, ["write -P 2 0 1000000", "discard 500000 100000"])
+    return [MatrixImage("snap_overlay_active", top, size),
+            MatrixImage("snap_overlay_s", top, size, snapshot="s")]
+
+
+@builder("snap_name_is_other_id", snapshots=("snap_name_is_other_id",))
+def _snap_name_is_other_id(b: Builder) -> list[MatrixImage]:
+    # Snapshot ID 1 is named "2"; "2" must select ID 2 (IDs are tried before names).
+    size = 1 * MiB
+    p = b.create("img.qcow2", size)
+    _apply(b, p, ["write -P 1 0 65536"])
+    b.img("snapshot", "-c", "2", str(p))
+    _apply(b, p, ["write -P 2 0 65536"])
+    b.img("snapshot", "-c", "x", str(p))
+    _apply(b, p, ["write -P 3 0 65536"])
+    return _one(b, p, size, snapshot="2")
+
+
+@builder("with_bitmap")
+def _with_bitmap(b: Builder) -> list[MatrixImage]:
+    size = 2 * MiB
+    p = b.create("img.qcow2", size)
+    b.img("bitmap", "--add", str(p), "b0")
+    _apply(b, p, ["write -P 1 100000 300000"])
+    b.img("bitmap", "--add", "-g", "512k", str(p), "b1")
+    return _one(b, p, size)
+
+
+@builder("abs_backing")
+def _abs_backing(b: Builder) -> list[MatrixImage]:
+    size = 1 * MiB
+    base = b.create("base.qcow2", size)
+    _apply(b, base, ["write -s {rand} 0 1048576"])
+    top = b.create("top.qcow2", size, backing=str(base))
+    _apply(b, top, ["write -P 1 4096 4096"])
+    return _one(b, top, size)
+
+
+@builder("corrupt_bit")
+def _corrupt_bit(b: Builder) -> list[MatrixImage]:
+    # The corrupt bit forbids read-write opens only; reads work as usual.
+    size = 1 * MiB
+    p = b.create("img.qcow2", size)
+    _apply(b, p, ["write -s {rand} 0 300000"])
+    with open(p, "r+b") as f:
+        f.seek(72)
+        f.write((2).to_bytes(8, "big"))
+    return _one(b, p, size)
+
+
 @builder("sparse_1t")
 def _sparse_1t(b: Builder) -> list[MatrixImage]:
     size = 1 * TiB
