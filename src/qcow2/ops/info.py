@@ -164,11 +164,28 @@ def check_regular_file(path: str) -> None:
 
 
 def open_for_info(filename: str, fmt: str | None) -> BlockDevice:
-    """Open one image like qemu-img info: read-only, without its backing file."""
-    from ..engine.open import open_image
+    """Open one image like qemu-img info (BDRV_O_NO_BACKING | BDRV_O_NO_IO): read-only, and
+    without its backing file or external data file (QEMU >= 7.2.12 does not open the data
+    file without I/O, so info works when it is missing)."""
+    from ..engine.image import Qcow2Image
+    from ..engine.open import probe_format
+    from ..engine.raw import RawImage
+    from ..io import FileStore
 
     check_regular_file(filename)
-    return open_image(filename, fmt, True, backing_policy="follow", open_backing=False)
+    store = FileStore(filename)
+    try:
+        actual = fmt or probe_format(store)
+        if actual == "qcow2":
+            return Qcow2Image(store, filename, readonly=True)
+        if actual == "qcow":
+            from ..engine.qcow1 import QcowImage
+
+            return QcowImage(store, filename, readonly=True)
+        return RawImage(store, filename)
+    except BaseException:
+        store.close()
+        raise
 
 
 def collect_info_list(filename: str, fmt: str | None = None, chain: bool = False
