@@ -8,6 +8,7 @@ import random
 import shutil
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -157,3 +158,35 @@ def test_damaged_compressed_cluster_like_qemu(tmp_path: Path, ctype: str, stream
             with pytest.raises(qcow2.CorruptImageError, match="decompress"):
                 img.read(0, 2 * CS)
             assert img.read(CS, CS) == text   # the neighbour in the same host cluster is fine
+
+
+# ----------------------------------------------------------------------------- I/O pattern
+class _CountingStore:
+    """Wraps a ByteStore and counts the data reads (the engine's readinto calls)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.reads: list[tuple[int, int]] = []
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        self.reads.append((offset, len(buf)))
+        return int(self.inner.readinto(offset, buf))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("name", ["v3_64k", "v3_4k", "v3_512", "extl2_64k", "extl2_2M",
+                                  "refcount1", "prealloc_full", "data_file", "grown"])
+def test_one_read_per_host_contiguous_run(matrix: dict[str, MatrixImage], name: str) -> None:
+    case = matrix[name]
+    assert case.map_json is not None
+    # every run of data QEMU maps to one host range is at most one read for us
+    runs = sum(1 for e in case.map_json if e["data"] and "offset" in e)
+    with open_case(case) as img:
+        assert isinstance(img, Qcow2Image)
+        counting = _CountingStore(img.data_store)
+        img.data_store = counting
+        assert img.read(0, case.size) == case.read_oracle(0, case.size)
+        assert 0 < len(counting.reads) <= runs
+        img.data_store = counting.inner
