@@ -202,10 +202,11 @@ def test_info_json(cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_info_v2(cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make(cwd / "v2.qcow2", version=2)
-    rc, out, _ = run(capsys, "info", "--output=json", "v2.qcow2")
+    _, out, _ = run(capsys, "info", "--output=json", "v2.qcow2")
     assert json.loads(out)["format-specific"]["data"] == {
         "compat": "0.10", "compression-type": "zlib", "refcount-bits": 16}
     rc, out, _ = run(capsys, "info", "v2.qcow2")
+    assert rc == 0
     assert out.endswith("Format specific information:\n    compat: 0.10\n"
                         "    compression type: zlib\n    refcount bits: 16\n")
 
@@ -269,6 +270,7 @@ def test_info_backing_loop(cwd: Path, capsys: pytest.CaptureFixture[str]) -> Non
 def test_info_raw(cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (cwd / "r.raw").write_bytes(b"\x01" * 1000)
     rc, out, err = run(capsys, "info", "r.raw")
+    assert (rc, err) == (0, "")
     assert out.startswith("image: r.raw\nfile format: raw\nvirtual size: 1 KiB (1024 bytes)\n"
                           "disk size: ")
     assert out.count("\n") == 4
