@@ -634,6 +634,26 @@ def _corrupt_bit(b: Builder) -> list[MatrixImage]:
     return _one(b, p, size)
 
 
+@builder("snap_truncated_table", "snap_table_past_eof",
+         snapshots=("snap_truncated_table",))
+def _snap_truncated(b: Builder) -> list[MatrixImage]:
+    # The snapshot table is the last thing in the file; cutting its end makes QEMU read zeros
+    # for the rest of the name, which is then lost at the first NUL ("snapname" -> "snap").
+    size = 1 * MiB
+    p = b.create("img.qcow2", size)
+    _apply(b, p, ["write -P 1 0 65536"])
+    b.img("snapshot", "-c", "snapname", str(p))
+    q = b.dir / "past.qcow2"
+    q.write_bytes(p.read_bytes())
+    _truncate_file(p, 4)
+    # and a table entirely past EOF: all-zero entries (empty ID and name, no L1)
+    with open(q, "r+b") as f:
+        f.seek(64)
+        f.write((64 * MiB).to_bytes(8, "big"))
+    return [MatrixImage("snap_truncated_table", p, size, snapshot="snap"),
+            MatrixImage("snap_table_past_eof", q, size)]
+
+
 @builder("sparse_1t")
 def _sparse_1t(b: Builder) -> list[MatrixImage]:
     size = 1 * TiB

@@ -153,11 +153,28 @@ class Qcow2Image(BlockDevice):
         h = self.header
         if not h.nb_snapshots:
             return []
-        avail = max(0, self.store.size() - h.snapshots_offset)
-        # Bounded by QEMU's table limit (64 MiB) plus alignment padding of every entry.
-        want = min(avail, C.QCOW_MAX_SNAPSHOTS_TABLE_BYTES + 8 * h.nb_snapshots)
-        data = self.store.pread(h.snapshots_offset, want)
-        return parse_snapshot_table(data, h.nb_snapshots, h.snapshots_offset)
+        # Read a little and grow until every entry fits: the table is usually tiny, and
+        # reading QEMU's 64 MiB limit at every open would be slow. Past EOF the store reads
+        # zeros, as QEMU's file driver does. The last size covers the 64 MiB limit plus one
+        # maximal entry and the alignment padding of every entry.
+        limit = (C.QCOW_MAX_SNAPSHOTS_TABLE_BYTES + 8 * h.nb_snapshots + 40 +
+                 C.QCOW_MAX_SNAPSHOT_EXTRA_DATA + 2 * 65535)
+        want = min(limit, 64 * 1024 + 128 * h.nb_snapshots)
+        while True:
+            data = self.store.pread(h.snapshots_offset, want)
+            try:
+                entries = parse_snapshot_table(data, h.nb_snapshots, h.snapshots_offset)
+            except InvalidImageError:
+                if want >= limit:
+                    raise
+                want = min(limit, want * 4)
+                continue
+            # QEMU keeps IDs and names as C strings: everything from a NUL byte on is lost
+            # (for lookups, listings and when it rewrites the table).
+            for e in entries:
+                e.id_str = e.id_str.split("\0", 1)[0]
+                e.name = e.name.split("\0", 1)[0]
+            return entries
 
     def _read_bitmaps(self) -> list[BitmapDirEntry]:
         bm = self.extensions.bitmaps
