@@ -11,10 +11,11 @@ The pipeline, with the qemu-img 7.2 function each stage follows:
 4. write: the target writes data runs; holes and BLK_ZERO cost nothing when the target reads
    as zero after creation (`has_zero_init`), else they are written as zeros (-S 0).
 
-Stages 2-4 run in worker threads, each with its own opened copy of every source (the engine's
-caches are per image), so that decompression, copying and zero detection overlap: pread,
-pwrite, zlib, zstd and numpy release the GIL. A `Target` is a small class; raw is the only
-one now, and a qcow2 writer plugs in behind the same interface.
+Stages 2-3 run in worker threads, each with its own opened copy of every source (the engine's
+caches are per image), so that decompression and zero detection overlap with the writes:
+pread, zlib, zstd and numpy release the GIL. Stage 4 runs in the calling thread, in guest
+order. A `Target` is a small class; raw is the only one now, and a qcow2 writer plugs in
+behind the same interface (compression would join stage 3).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import CorruptImageError, Qcow2Error
@@ -312,7 +313,6 @@ class Target(Protocol):
     """Where converted data goes. Offsets are guest offsets of the target image."""
 
     has_zero_init: bool     # reads as zero after creation: holes need no write
-    thread_safe: bool       # write() may run concurrently from several threads
 
     def write(self, offset: int, data: memoryview) -> None: ...
     def write_zeroes(self, offset: int, length: int) -> None: ...
@@ -325,8 +325,6 @@ CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe
 
 class RawTarget:
     """A raw file created like QEMU's file driver does (bdrv_create for `raw`)."""
-
-    thread_safe = True
 
     def __init__(self, path: str, size: int, *, cache: str = "unsafe", create: bool = True,
                  zero_init: bool = True) -> None:
@@ -391,12 +389,24 @@ class ConvertOptions:
 
 
 @dataclass
-class _WorkerState:
-    buf: bytearray
-    devices: dict[int, BlockDevice] = field(default_factory=dict)
+class _Scanned:
+    """A batch after reading and zero detection: what to write, and the buffer to give back."""
+
+    batch: Batch
+    writes: list[tuple[int, memoryview]]
+    zeroes: list[tuple[int, int]]
+    buf: bytearray | None = None
+    mapped: memoryview | None = None
 
 
 class _Copier:
+    """Reads and scans batches (in worker threads) and writes them (in the calling thread).
+
+    All target writes happen in one thread, in guest order: writes to one file serialise in
+    the kernel anyway (concurrent writers only spin on the inode lock), and a qcow2 writer
+    allocates clusters in guest order as QEMU does.
+    """
+
     def __init__(self, sources: Sequence[Source], target: Target, opts: ConvertOptions,
                  threaded: bool) -> None:
         self.sources = sources
@@ -407,79 +417,81 @@ class _Copier:
         self._local = threading.local()
         self._opened: list[BlockDevice] = []
         self._lock = threading.Lock()
-        self._write_lock = None if target.thread_safe else threading.Lock()
         self._mmaps: dict[int, mmap.mmap | None] = {}
+        self._free: list[bytearray] = []
         # convert_do_copy(): zero initialisation is only relied on when holes are wanted.
         self.zero_init = target.has_zero_init and opts.min_sparse != 0
 
-    def _state(self) -> _WorkerState:
-        st: _WorkerState | None = getattr(self._local, "state", None)
-        if st is None:
-            st = _WorkerState(bytearray(max(self.opts.batch_bytes, self.opts.buf_bytes)))
-            self._local.state = st
-        return st
-
-    def _device(self, st: _WorkerState, src: int) -> BlockDevice:
+    # ------------------------------------------------------------------ worker side
+    def _device(self, src: int) -> BlockDevice:
         if not self.threaded:
             return self.sources[src].device
-        dev = st.devices.get(src)
+        devices: dict[int, BlockDevice] | None = getattr(self._local, "devices", None)
+        if devices is None:
+            devices = self._local.devices = {}
+        dev = devices.get(src)
         if dev is None:
             reopen = self.sources[src].reopen
             assert reopen is not None
             dev = reopen()
-            st.devices[src] = dev
+            devices[src] = dev
             with self._lock:
                 self._opened.append(dev)
         return dev
 
-    def do(self, b: Batch) -> None:
-        target = self.target
+    def _take_buffer(self) -> bytearray:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return bytearray(max(self.opts.batch_bytes, self.opts.buf_bytes))
+
+    def scan(self, b: Batch) -> _Scanned:
+        """Read a batch and find what to write (no target I/O here)."""
         if not b.data:
-            if not self.zero_init:
-                self._write_zeroes(b.offset, b.length)
-            return
+            zeroes = [] if self.zero_init else [(b.offset, b.length)]
+            return _Scanned(b, [], zeroes)
+        buf: bytearray | None = None
         mapped = self._mapped(b) if b.host_fd is not None else None
         if mapped is not None:
             view = mapped
         else:
-            st = self._state()
-            view = memoryview(st.buf)[:b.length]
-            self._read(st, b, view)
-        try:
-            min_sparse = self.opts.min_sparse
-            if not min_sparse:
-                self._locked(target.write, b.offset, view)
-                return
-            nsec = b.length // SECTOR
-            flags = sector_flags(view, nsec)
-            ranges: list[tuple[int, int]] = []
-            first_sec = 0
-            for part in b.parts:
-                k = part // SECTOR
-                for first, count in allocated_ranges(flags[first_sec:first_sec + k],
-                                                     (b.offset // SECTOR) + first_sec,
-                                                     min_sparse, self.alignment):
-                    first += first_sec
-                    if ranges and ranges[-1][0] + ranges[-1][1] == first:
-                        ranges[-1] = (ranges[-1][0], ranges[-1][1] + count)
-                    else:
-                        ranges.append((first, count))
-                first_sec += k
-            for first, count in ranges:
-                a = first * SECTOR
-                self._locked(target.write, b.offset + a, view[a:a + count * SECTOR])
-            if not self.zero_init:
-                pos = 0
-                for first, count in [*ranges, (nsec, 0)]:
-                    if first > pos:
-                        self._write_zeroes(b.offset + pos * SECTOR, (first - pos) * SECTOR)
-                    pos = first + count
-        except OSError as e:
-            raise _with_cause(ConvertError(
-                f"error while writing at byte {b.offset}: {io_reason(e)}"), e) from None
-        finally:
-            if mapped is not None:
-                mapped.release()
+            buf = self._take_buffer()
+            view = memoryview(buf)[:b.length]
+            try:
+                self._read(b, view)
+            except BaseException:
+                self.give_back(buf)
+                raise
+        res = _Scanned(b, [], [], buf, mapped)
+        min_sparse = self.opts.min_sparse
+        if not min_sparse:
+            res.writes.append((b.offset, view))
+            return res
+        nsec = b.length // SECTOR
+        flags = sector_flags(view, nsec)
+        ranges: list[tuple[int, int]] = []
+        first_sec = 0
+        for part in b.parts:
+            k = part // SECTOR
+            for first, count in allocated_ranges(flags[first_sec:first_sec + k],
+                                                 (b.offset // SECTOR) + first_sec,
+                                                 min_sparse, self.alignment):
+                first += first_sec
+                if ranges and ranges[-1][0] + ranges[-1][1] == first:
+                    ranges[-1] = (ranges[-1][0], ranges[-1][1] + count)
+                else:
+                    ranges.append((first, count))
+            first_sec += k
+        for first, count in ranges:
+            a = first * SECTOR
+            res.writes.append((b.offset + a, view[a:a + count * SECTOR]))
+        if not self.zero_init:
+            pos = 0
+            for first, count in [*ranges, (nsec, 0)]:
+                if first > pos:
+                    res.zeroes.append((b.offset + pos * SECTOR, (first - pos) * SECTOR))
+                pos = first + count
+        return res
 
     def _mapped(self, b: Batch) -> memoryview | None:
         """The batch's bytes in a read-only mapping of their host file, if they are there.
@@ -501,9 +513,9 @@ class _Copier:
             return None
         return memoryview(mm)[b.host_offset:b.host_offset + b.length]
 
-    def _read(self, st: _WorkerState, b: Batch, view: memoryview) -> None:
+    def _read(self, b: Batch, view: memoryview) -> None:
         try:
-            self._device(st, b.src).readinto(b.src_offset, view)
+            self._device(b.src).readinto(b.src_offset, view)
             return
         except (Qcow2Error, OSError) as e:
             err: BaseException = e
@@ -512,7 +524,7 @@ class _Copier:
         bad = b.offset
         for part in b.parts:
             try:
-                self._device(st, b.src).readinto(b.src_offset + pos, view[pos:pos + part])
+                self._device(b.src).readinto(b.src_offset + pos, view[pos:pos + part])
             except (Qcow2Error, OSError) as e:
                 err, bad = e, b.offset + pos
                 break
@@ -520,19 +532,36 @@ class _Copier:
         msg = f"error while reading at byte {bad}: {io_reason(err)}"
         raise _with_cause(ConvertError(msg, corruption_lines(err)), err) from None
 
-    def _write_zeroes(self, offset: int, length: int) -> None:
+    # ------------------------------------------------------------------ writer side
+    def write(self, res: _Scanned) -> None:
+        """Write a scanned batch to the target (the calling thread only)."""
+        target = self.target
+        offset = res.batch.offset
         try:
-            self._locked(self.target.write_zeroes, offset, length)
+            for offset, view in res.writes:
+                target.write(offset, view)
+            for offset, length in res.zeroes:
+                target.write_zeroes(offset, length)
         except OSError as e:
             raise _with_cause(ConvertError(
                 f"error while writing at byte {offset}: {io_reason(e)}"), e) from None
+        finally:
+            self.discard(res)
 
-    def _locked(self, fn: Callable[..., None], *args: Any) -> None:
-        if self._write_lock is None:
-            fn(*args)
-        else:
-            with self._write_lock:
-                fn(*args)
+    def discard(self, res: _Scanned) -> None:
+        for _, view in res.writes:
+            view.release()
+        res.writes.clear()
+        if res.mapped is not None:
+            res.mapped.release()
+            res.mapped = None
+        if res.buf is not None:
+            self.give_back(res.buf)
+            res.buf = None
+
+    def give_back(self, buf: bytearray) -> None:
+        with self._lock:
+            self._free.append(buf)
 
     def close(self) -> None:
         for dev in self._opened:
@@ -597,7 +626,7 @@ def convert(sources: Sequence[Source], target: Target, opts: ConvertOptions | No
         if not threaded:
             for b in batches:
                 report(b)
-                copier.do(b)
+                copier.write(copier.scan(b))
         else:
             _run_threaded(copier, batches, workers, report)
         target.finish()
@@ -607,33 +636,27 @@ def convert(sources: Sequence[Source], target: Target, opts: ConvertOptions | No
 
 def _run_threaded(copier: _Copier, batches: Iterator[Batch], workers: int,
                   report: Callable[[Batch], None]) -> None:
-    window: deque[tuple[Batch, Future[None]]] = deque()
+    """Workers scan ahead (a bounded window); this thread writes the results in order."""
+    window: deque[Future[_Scanned]] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="convert") as pool:
         try:
             for b in batches:
-                if not b.data and copier.zero_init:
-                    # nothing to do: reported in order once the batches before it are done
-                    window.append((b, _DONE))
-                else:
-                    window.append((b, pool.submit(copier.do, b)))
-                while len(window) > 2 * workers or (window and window[0][1].done()):
-                    head, fut = window.popleft()
-                    fut.result()
-                    report(head)
+                window.append(pool.submit(copier.scan, b))
+                while len(window) > 2 * workers or (window and window[0].done()):
+                    res = window.popleft().result()
+                    report(res.batch)
+                    copier.write(res)
             while window:
-                head, fut = window.popleft()
-                fut.result()
-                report(head)
+                res = window.popleft().result()
+                report(res.batch)
+                copier.write(res)
         except BaseException:
-            for _, fut in window:
+            for fut in window:
                 fut.cancel()
+            for fut in window:
+                if not fut.cancelled():
+                    try:
+                        copier.discard(fut.result())
+                    except BaseException:
+                        pass
             raise
-
-
-def _done_future() -> Future[None]:
-    f: Future[None] = Future()
-    f.set_result(None)
-    return f
-
-
-_DONE = _done_future()
