@@ -238,6 +238,19 @@ def cmd_map(img: Any, argv: list[str], args: argparse.Namespace) -> bool:
     return True
 
 
+def cmd_truncate(img: Any, argv: list[str], args: argparse.Namespace) -> bool:
+    _, rest = _opts(argv, "")
+    if len(rest) != 1:
+        raise _CmdError("bad number of arguments")
+    if not _writable(img, args):
+        return False
+    resize = getattr(img, "resize", None)
+    if resize is None:
+        raise _CmdError("Image format driver does not support resize")
+    resize(_num(rest[0]))
+    return True
+
+
 def cmd_length(img: Any, argv: list[str], args: argparse.Namespace) -> bool:
     sys.stdout.write(cvtstr(img.virtual_size) + "\n")
     return True
@@ -266,5 +279,6 @@ COMMANDS: dict[str, Callable[[Any, list[str], argparse.Namespace], bool]] = {
     "alloc": cmd_alloc,
     "map": cmd_map,
     "length": cmd_length,
+    "truncate": cmd_truncate,
     "info": cmd_info,
 }

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("qcow2.cli.convert", "convert an image to another format"),
     "compare": ("qcow2.cli.compare", "check whether two images have the same content"),
     "io": ("qcow2.cli.io", "run qemu-io style commands on an image"),
+    "resize": ("qcow2.cli.resize", "grow or shrink an image"),
 }
 
 
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         error_line(f"Command not found: {cmd}")
         return 1
     module = importlib.import_module(COMMANDS[cmd][0])
+    if hasattr(module, "fix_argv"):
+        args_in = [cmd, *module.fix_argv(args_in[1:])]
     parser = ArgParser(prog=f"{PROG} {cmd}", description=COMMANDS[cmd][1])
     module.add_arguments(parser)
     try:

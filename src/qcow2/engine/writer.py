@@ -17,11 +17,13 @@ from sys import byteorder
 
 from ..errors import (
     CorruptImageError,
+    ImageLimitError,
     MetadataOverlapError,
     OutOfRangeError,
     UnsupportedFeatureError,
 )
 from ..format import constants as C
+from ..format.header import l1_entries_for
 from ..io import ByteStore
 from .image import Qcow2Image
 from .refcount import Refcounts
@@ -567,6 +569,105 @@ class WritableQcow2Image(Qcow2Image):
                 table[idx] = new
             self._dirty_l2[l2_off] = table
             self._release_entry(old)
+
+    # ------------------------------------------------------------------ resize
+    def resize(self, new_size: int) -> None:
+        """Grow or shrink the virtual disk (qcow2_co_truncate, exact L1 size).
+
+        Growing over a longer backing file zeroes the new area so the backing data does not
+        show through. Shrinking drops every cluster past the end, the L2 tables past the new
+        L1 size, and the file tail no cluster uses any more.
+        """
+        if new_size < 0 or new_size % 512:
+            raise OutOfRangeError("The new size must be a multiple of 512")
+        if self.header.version < 3 and self.snapshots:
+            raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots")
+        old = self.virtual_size
+        if new_size == old:
+            return
+        h = self.header
+        new_l1 = l1_entries_for(new_size, h.cluster_bits, self.l2_bits)
+        if new_l1 > C.QCOW_MAX_L1_SIZE // 8:
+            raise ImageLimitError("The image size is too large for file format 'qcow2' "
+                                  "(try using a larger cluster size)")
+        self.flush()
+        self._zlib_cache_key = None
+        cs = self.cluster_size
+        if new_size < old:
+            self._discard_clusters(-(-new_size // cs) * cs, old, full=True)
+            self.flush()
+            self._shrink_l1(new_l1)
+            self._write_size(new_size)
+            self._truncate_file_tail()
+            return
+        if new_l1 > self.l1_size:
+            self._grow_l1(new_l1)
+        self._write_size(new_size)
+        if self.backing is not None and self.backing.virtual_size > old:
+            zero_start = -(-old // self.subcluster_size) * self.subcluster_size
+            if zero_start > old:
+                self.write(old, bytes(min(zero_start, new_size) - old))
+            if new_size > zero_start and not self._zeroize(zero_start, new_size, False):
+                pos = zero_start
+                while pos < new_size:
+                    n = min(new_size - pos, 1 << 22)
+                    self.write(pos, bytes(n))
+                    pos += n
+            self.flush()
+
+    def _write_size(self, new_size: int) -> None:
+        self.store.pwrite(24, struct.pack(">Q", new_size))
+        self.store.flush()
+        self.header.size = new_size
+        self.virtual_size = new_size
+
+    def _grow_l1(self, new_l1: int) -> None:
+        """A new, larger L1 table: written, then the header points to it, then the old is freed."""
+        h = self.header
+        nbytes = new_l1 * 8
+        new_off = self.refcounts.alloc_clusters(-(-nbytes // self.cluster_size))
+        self.refcounts.flush_blocks()
+        table = array("Q", self.l1_table)
+        table.extend([0] * (new_l1 - len(table)))
+        raw = array("Q", table)
+        if byteorder == "little":
+            raw.byteswap()
+        # QEMU writes exactly the table's bytes, so the file may end mid-cluster.
+        self.store.pwrite(new_off, raw.tobytes())
+        self.store.flush()
+        self.store.pwrite(36, struct.pack(">IQ", new_l1, new_off))
+        self.store.flush()
+        old_off, old_size = h.l1_table_offset, self.l1_size
+        h.l1_table_offset, h.l1_size = new_off, new_l1
+        self.l1_table, self.l1_size = table, new_l1
+        self._meta_clusters = None
+        if old_off and old_size:
+            self.refcounts.queue_decrease(old_off, old_size * 8)
+            self.refcounts.apply_decreases()
+            self.refcounts.flush_blocks()
+
+    def _shrink_l1(self, new_l1: int) -> None:
+        """Clear L1 entries past `new_l1` on disk first, then free their L2 tables."""
+        h = self.header
+        if new_l1 >= self.l1_size:
+            return
+        self.store.pwrite(h.l1_table_offset + new_l1 * 8, bytes((self.l1_size - new_l1) * 8))
+        self.store.flush()
+        for i in range(new_l1, self.l1_size):
+            off = self.l1_table[i] & C.L1E_OFFSET_MASK
+            self.l1_table[i] = 0
+            if off:
+                self.refcounts.queue_decrease(off, self.cluster_size)
+        self.refcounts.apply_decreases()
+        self.refcounts.flush_blocks()
+        self.l2_cache.clear()
+        self._meta_clusters = None
+
+    def _truncate_file_tail(self) -> None:
+        last = self.refcounts.highest_allocated_cluster()
+        end = (last + 1) * self.cluster_size
+        if end < self.store.size():
+            self.store.truncate(end)
 
     # ------------------------------------------------------------------ flush
     def _maybe_flush(self) -> None:
