@@ -311,3 +311,36 @@ def test_info_truncated_image_is_one_line(cwd: Path, capsys: pytest.CaptureFixtu
     rc, out, err = run(capsys, "info", "-f", "qcow2", "t.qcow2")
     assert (rc, out) == (1, "")
     assert err.startswith("qcow2: Could not open 't.qcow2': ") and err.count("\n") == 1
+
+
+def test_info_encrypted_aes(cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the engine cannot read encrypted data, but info needs none (qemu-img opens without key)
+    p = make(cwd / "e.qcow2")
+    with open(p, "r+b") as f:
+        f.seek(32)
+        f.write(struct.pack(">I", 1))
+    rc, out, err = run(capsys, "info", "e.qcow2")
+    assert (rc, err) == (0, "")
+    assert "disk size: " in out and "encrypted: yes\ncluster_size: 65536\n" in out
+    assert "    refcount bits: 16\n    encrypt:\n        format: aes\n    corrupt: false\n" in out
+    info = json.loads(run(capsys, "info", "--output=json", "e.qcow2")[1])
+    assert info["encrypted"] is True
+    assert info["format-specific"]["data"]["encrypt"] == {"format": "aes"}
+    rc, out, err = run(capsys, "map", "e.qcow2")
+    assert (rc, out) == (1, "") and err.count("\n") == 1
+
+
+def test_luks_info() -> None:
+    from qcow2.ops.info import LUKS_SLOT_ENABLED, luks_info
+
+    hdr = struct.pack(">6sH32s32s32sII20s32sI40s", b"LUKS\xba\xbe", 1, b"aes", b"xts-plain64",
+                      b"sha256", 4040, 64, bytes(20), bytes(32), 1234, b"1234-uuid")
+    for i in range(8):
+        hdr += struct.pack(">II32sII", LUKS_SLOT_ENABLED if i == 0 else 0xDEAD, 99, bytes(32),
+                           8 + i * 512, 4000)
+    assert luks_info(hdr) == {
+        "format": "luks", "cipher-alg": "aes-256", "cipher-mode": "xts", "ivgen-alg": "plain64",
+        "hash-alg": "sha256", "payload-offset": 4040 * 512, "master-key-iters": 1234,
+        "uuid": "1234-uuid",
+        "slots": [{"active": True, "iters": 99, "stripes": 4000, "key-offset": 4096}] +
+                 [{"active": False, "key-offset": (8 + i * 512) * 512} for i in range(1, 8)]}

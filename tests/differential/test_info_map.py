@@ -173,6 +173,27 @@ def _snapshot_fields(d: Path) -> str:
     return f
 
 
+def _encrypted(fmt: str, *opts: str) -> Callable[[Path], str]:
+    # qemu-img info needs no key: it shows the encryption parameters, never the data
+    def fn(d: Path) -> str:
+        f = "img.qcow2" if fmt == "qcow2" else "img.qcow"
+        qemu_img("create", "-q", "-f", fmt, "--object", "secret,id=s0,data=pw", "-o",
+                 ",".join(("encrypt.key-secret=s0", *opts)), f, "1M", cwd=d)
+        return f
+    return fn
+
+
+BUILDS["luks"] = _encrypted("qcow2", "encrypt.format=luks", "encrypt.iter-time=10")
+BUILDS["luks_cbc_essiv"] = _encrypted(
+    "qcow2", "encrypt.format=luks", "encrypt.iter-time=10", "encrypt.cipher-alg=aes-128",
+    "encrypt.cipher-mode=cbc", "encrypt.ivgen-alg=essiv", "encrypt.ivgen-hash-alg=sha256",
+    "encrypt.hash-alg=sha1")
+BUILDS["aes_v3"] = _encrypted("qcow2", "encrypt.format=aes")
+BUILDS["aes_v2"] = _encrypted("qcow2", "encrypt.format=aes", "compat=0.10")
+BUILDS["aes_qcow1"] = _encrypted("qcow", "encrypt.format=aes")
+ENCRYPTED = ("luks", "luks_cbc_essiv", "aes_v3", "aes_v2", "aes_qcow1")
+
+
 @build("bitmaps")
 def _bitmaps(d: Path) -> str:
     f = _create(d, "img.qcow2", 4 * MiB)
@@ -446,7 +467,14 @@ def test_map(images: dict[str, Path], name: str, output: str,
     path = _image(images, name)
     in_dir(path.parent)
     argv = ("map", f"--output={output}", path.name)
-    assert ours(capsys, *argv) == theirs(path.parent, *argv)
+    got, exp = ours(capsys, *argv), theirs(path.parent, *argv)
+    if name in ENCRYPTED:
+        # qemu-img wants the key ("Parameter 'encrypt.key-secret' is required for cipher");
+        # we cannot read encrypted data yet: both refuse, in one line
+        assert got[:2] == exp[:2] == (1, "")
+        assert got[2].startswith("qcow2: Could not open 'img.") and got[2].count("\n") == 1
+    else:
+        assert got == exp
 
 
 @pytest.mark.parametrize("name", ["chain3", "extl2_subclusters", "prealloc_metadata",

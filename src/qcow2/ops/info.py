@@ -8,10 +8,16 @@ QAPI schema order (a QDict's output order depends on it for keys sharing a hash 
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from ..engine.device import BlockDevice
-from ..errors import BackingChainError, Qcow2Error
+from ..errors import BackingChainError, InvalidImageError, Qcow2Error, UnsupportedFeatureError
+from ..format import constants as C
+from ..format.bitmap import BitmapDirEntry, parse_bitmap_directory
+from ..format.header import Header, parse_extensions, unsupported_features_message
+from ..format.snapshot import SnapshotEntry, parse_snapshot_table
+from ..io import ByteStore
 
 ImageInfo = dict[str, Any]
 
@@ -90,12 +96,15 @@ def _bitmap_flags(flags: int) -> list[str]:
 
 
 def _qcow2_specific(dev: Any) -> dict[str, Any]:
-    from ..format import constants as C
-
     h = dev.header
     ctype = C.COMPRESSION_TYPE_NAMES.get(h.compression_type, str(h.compression_type))
+    encrypt = getattr(dev, "encrypt", None)
     if h.version < 3:
-        return {"compat": "0.10", "refcount-bits": h.refcount_bits, "compression-type": ctype}
+        v2: dict[str, Any] = {"compat": "0.10", "refcount-bits": h.refcount_bits}
+        if encrypt is not None:
+            v2["encrypt"] = encrypt
+        v2["compression-type"] = ctype
+        return v2
     data: dict[str, Any] = {
         "compat": "1.1",
         "data-file": None,
@@ -104,6 +113,7 @@ def _qcow2_specific(dev: Any) -> dict[str, Any]:
         "lazy-refcounts": bool(h.compatible_features & C.QCOW2_COMPAT_LAZY_REFCOUNTS),
         "corrupt": bool(h.incompatible_features & C.QCOW2_INCOMPAT_CORRUPT),
         "refcount-bits": h.refcount_bits,
+        "encrypt": encrypt,
         "bitmaps": None,
         "compression-type": ctype,
     }
@@ -170,6 +180,7 @@ def open_for_info(filename: str, fmt: str | None) -> BlockDevice:
     from ..engine.image import Qcow2Image
     from ..engine.open import probe_format
     from ..engine.raw import RawImage
+    from ..errors import EncryptionError
     from ..io import FileStore
 
     check_regular_file(filename)
@@ -177,11 +188,18 @@ def open_for_info(filename: str, fmt: str | None) -> BlockDevice:
     try:
         actual = fmt or probe_format(store)
         if actual == "qcow2":
-            return Qcow2Image(store, filename, readonly=True)
+            try:
+                return Qcow2Image(store, filename, readonly=True)
+            except EncryptionError:
+                # the engine reads no encrypted image yet; info needs no key and no data
+                return EncryptedQcow2(store, filename)
         if actual == "qcow":
             from ..engine.qcow1 import QcowImage
 
-            return QcowImage(store, filename, readonly=True)
+            try:
+                return QcowImage(store, filename, readonly=True)
+            except EncryptionError:
+                return EncryptedQcow(store, filename)
         return RawImage(store, filename)
     except BaseException:
         store.close()
@@ -219,3 +237,186 @@ def collect_info_list(filename: str, fmt: str | None = None, chain: bool = False
             name = info.get("full-backing-filename")
             fmt = info.get("backing-filename-format")
     return out
+
+
+# --------------------------------------------------------------------------- encrypted images
+# The engine does not open encrypted images yet. qemu-img info opens them without a key
+# (BDRV_O_NO_IO): it reads the header, snapshots and bitmaps, and for LUKS the LUKS header
+# (crypto/block-luks.c, qcrypto_block_luks_get_info), but no data. EncryptedQcow2 and
+# EncryptedQcow carry what image_info() reads, read with the format layer alone.
+
+LUKS_MAGIC = b"LUKS\xba\xbe"
+LUKS_SECTOR = 512
+LUKS_SLOTS = 8
+LUKS_STRIPES = 4000
+LUKS_SLOT_ENABLED = 0x00AC71F3
+_LUKS = struct.Struct(">6sH32s32s32sII20s32sI40s")
+_SLOT = struct.Struct(">II32sII")
+assert _LUKS.size == 208 and _SLOT.size == 48
+
+# cipher name -> {key bytes: QAPI QCryptoCipherAlgorithm}
+_CIPHERS = {
+    "aes": {16: "aes-128", 24: "aes-192", 32: "aes-256"},
+    "cast5": {16: "cast5-128"},
+    "serpent": {16: "serpent-128", 24: "serpent-192", 32: "serpent-256"},
+    "twofish": {16: "twofish-128", 24: "twofish-192", 32: "twofish-256"},
+    "sm4": {16: "sm4"},
+}
+_MODES = ("ecb", "cbc", "xts", "ctr")
+_IVGENS = ("plain", "plain64", "essiv")
+_HASHES = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160")
+
+
+def _cstr(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _hash(name: str) -> str:
+    if name not in _HASHES:
+        raise InvalidImageError(f"Unsupported hash algorithm {name}")
+    return name
+
+
+def luks_info(header: bytes) -> dict[str, Any]:
+    """The `encrypt` member of qcow2 format-specific info for a LUKS header (QAPI order)."""
+    if len(header) < _LUKS.size + LUKS_SLOTS * _SLOT.size:
+        raise InvalidImageError("Request for data outside of extension header")
+    (magic, version, cipher_name, cipher_mode, hash_spec, payload_sector, key_bytes, _digest,
+     _salt, mk_iters, uuid) = _LUKS.unpack_from(header, 0)
+    if magic != LUKS_MAGIC:
+        raise InvalidImageError("Volume is not in LUKS format")
+    if version != 1:
+        raise InvalidImageError(f"Unsupported LUKS version {version}")
+    mode_spec = _cstr(cipher_mode)
+    mode, sep, ivgen = mode_spec.partition("-")
+    if not sep:
+        raise InvalidImageError(f"Unexpected cipher mode string format '{mode_spec}'")
+    ivgen, colon, ivhash = ivgen.partition(":")
+    if mode not in _MODES:
+        raise InvalidImageError(f"Unsupported cipher mode {mode}")
+    name = _cstr(cipher_name)
+    key = key_bytes // 2 if mode == "xts" else key_bytes
+    alg = _CIPHERS.get(name, {}).get(key)
+    if alg is None:
+        raise InvalidImageError(f"Algorithm '{name}' with key size {key} unsupported")
+    if ivgen not in _IVGENS:
+        raise InvalidImageError(f"Unsupported IV generator {ivgen}")
+    info: dict[str, Any] = {"format": "luks", "cipher-alg": alg, "cipher-mode": mode,
+                            "ivgen-alg": ivgen}
+    if ivgen == "essiv":
+        if not colon:
+            raise InvalidImageError("Missing IV generator hash specification")
+        info["ivgen-hash-alg"] = _hash(ivhash)
+    info["hash-alg"] = _hash(_cstr(hash_spec))
+    info["payload-offset"] = payload_sector * LUKS_SECTOR
+    info["master-key-iters"] = mk_iters
+    info["uuid"] = _cstr(uuid)
+    slots = []
+    for i in range(LUKS_SLOTS):
+        active, iters, _s, key_sector, stripes = _SLOT.unpack_from(
+            header, _LUKS.size + i * _SLOT.size)
+        if stripes != LUKS_STRIPES:
+            raise InvalidImageError(
+                f"Keyslot {i} is corrupted (stripes {stripes} != {LUKS_STRIPES})")
+        slot: dict[str, Any] = {"active": active == LUKS_SLOT_ENABLED}
+        if slot["active"]:
+            slot["iters"] = iters
+            slot["stripes"] = stripes
+        slot["key-offset"] = key_sector * LUKS_SECTOR
+        slots.append(slot)
+    info["slots"] = slots
+    return info
+
+
+class EncryptedQcow2(BlockDevice):
+    """An encrypted qcow2 image's metadata: header, extensions, snapshots, bitmaps, LUKS header.
+
+    A BlockDevice for info only: it maps and reads nothing.
+    """
+
+    format_name = "qcow2"
+    encrypted = True
+
+    def __init__(self, store: ByteStore, filename: str) -> None:
+        self.store = store
+        self.filename = filename
+        first = store.pread(0, 4096)
+        cbits = int.from_bytes(first[20:24], "big")
+        if C.MIN_CLUSTER_BITS <= cbits <= C.MAX_CLUSTER_BITS and cbits > 12:
+            first = store.pread(0, 1 << cbits)
+        h = Header.parse(first)
+        if h.incompatible_features & ~C.QCOW2_INCOMPAT_MASK:
+            raise UnsupportedFeatureError(
+                unsupported_features_message(h.incompatible_features, None))
+        h.validate()
+        self.header = h
+        cs = h.cluster_size
+        self.cluster_size = cs
+        self.virtual_size = h.size & ~511
+        cluster0 = store.pread(0, cs)
+        self.extensions = exts = parse_extensions(cluster0, h)
+        self.backing_file: str | None = None
+        if h.backing_file_offset:
+            n = h.backing_file_size
+            if n > min(C.QCOW_MAX_BACKING_FILE_NAME, cs - h.backing_file_offset):
+                raise InvalidImageError("Backing file name too long")
+            raw = cluster0[h.backing_file_offset:h.backing_file_offset + n]
+            self.backing_file = raw.decode("utf-8", "replace")
+        self.backing_format = exts.backing_format
+        self.has_data_file = bool(h.incompatible_features & C.QCOW2_INCOMPAT_DATA_FILE)
+        self.data_file_raw = bool(h.autoclear_features & C.QCOW2_AUTOCLEAR_DATA_FILE_RAW)
+        self.data_file_name = exts.data_file
+        self.dirty = bool(h.incompatible_features & C.QCOW2_INCOMPAT_DIRTY)
+        self.snapshots: list[SnapshotEntry] = []
+        if h.nb_snapshots:
+            want = min(max(0, store.size() - h.snapshots_offset),
+                       C.QCOW_MAX_SNAPSHOTS_TABLE_BYTES + 8 * h.nb_snapshots)
+            self.snapshots = parse_snapshot_table(store.pread(h.snapshots_offset, want),
+                                                  h.nb_snapshots, h.snapshots_offset)
+            for sn in self.snapshots:  # C strings in QEMU
+                sn.id_str = sn.id_str.split("\0", 1)[0]
+                sn.name = sn.name.split("\0", 1)[0]
+        self.bitmaps: list[BitmapDirEntry] = []
+        if exts.bitmaps is not None:
+            bm = exts.bitmaps
+            self.bitmaps = parse_bitmap_directory(
+                store.pread(bm.bitmap_directory_offset, bm.bitmap_directory_size),
+                bm.nb_bitmaps)
+        if h.crypt_method == C.QCOW_CRYPT_LUKS:
+            ext = exts.crypto
+            if ext is None:
+                raise InvalidImageError("Request for data outside of extension header")
+            self.encrypt: dict[str, Any] = luks_info(store.pread(ext.offset, ext.length))
+        else:
+            self.encrypt = {"format": "aes"}
+
+    def close(self) -> None:
+        self.store.close()
+        super().close()
+
+
+class EncryptedQcow(BlockDevice):
+    """An AES-encrypted qcow (v1) image's metadata (for info only, like EncryptedQcow2)."""
+
+    format_name = "qcow"
+    encrypted = True
+    dirty = False
+
+    def __init__(self, store: ByteStore, filename: str) -> None:
+        from ..format.qcow1 import QCOW_HEADER_SIZE, QcowHeader
+
+        self.store = store
+        self.filename = filename
+        h = QcowHeader.parse(store.pread(0, QCOW_HEADER_SIZE))
+        h.validate_fields()
+        h.validate_layout()
+        self.cluster_size = h.cluster_size
+        self.virtual_size = h.virtual_size & ~511
+        self.backing_file: str | None = None
+        if h.backing_file_offset:
+            raw = store.pread(h.backing_file_offset, h.backing_file_size)
+            self.backing_file = raw.split(b"\0", 1)[0].decode("utf-8", "replace") or None
+
+    def close(self) -> None:
+        self.store.close()
+        super().close()
