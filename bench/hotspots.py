@@ -9,8 +9,9 @@ share of the run). Workloads run in-process on the corpus of bench/corpus.py:
     extents-huge   list(img.extents(0, N)) on the metadata-preallocated image (N: --huge-bytes,
                    default the first 512 GiB: the cost is linear in N)
     read-<kind>    img.readinto() of the whole plain / zlib / zstd image in 4 MiB chunks
-    convert-<kind> `qcow2 convert -O raw` via qcow2.cli.main.main() (when the command exists)
-    map-huge       `qcow2 map --output=json` (when the command exists), stdout discarded
+    convert-<kind> `qcow2 convert -m 1 -O raw` via qcow2.cli.main.main() (one worker thread:
+                   cProfile only sees the thread that enabled it)
+    map-huge       `qcow2 map --output=json -l N` (N as for extents-huge), stdout discarded
 """
 
 from __future__ import annotations
@@ -63,10 +64,12 @@ def w_read(path: Path, chunk: int = 4 << 20) -> Callable[[], object]:
     return run
 
 
-def w_cli(argv: list[str]) -> Callable[[], object]:
+def w_cli(argv: list[str], output: Path | None = None) -> Callable[[], object]:
     def run() -> object:
         from qcow2.cli.main import main
 
+        if output is not None and output.exists():
+            output.unlink()  # as bench/run.py: freeing the old file's pages is not timed
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             return main(argv)
     return run
@@ -136,10 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         "/dev/shm") else None)
     if _has_cli("convert"):
         for kind in ("plain", "zlib", "zstd"):
+            # -m 1: one worker, so that cProfile (main thread only) sees all the work
             work.append((f"convert-{kind}", w_cli(
-                ["convert", "-O", "raw", str(getattr(c, kind)), f"{tmpdir}/out.raw"])))
+                ["convert", "-m", "1", "-O", "raw", str(getattr(c, kind)),
+                 f"{tmpdir}/out.raw"], Path(tmpdir, "out.raw"))))
     if _has_cli("map"):
-        work.append(("map-huge", w_cli(["map", "--output=json", str(c.huge)])))
+        work.append(("map-huge", w_cli(["map", "--output=json", "-l",
+                                        str(corpus_mod.parse_size(a.huge_bytes)),
+                                        str(c.huge)])))
     if a.only:
         pre = tuple(a.only.split(","))
         work = [w for w in work if w[0].startswith(pre)]
