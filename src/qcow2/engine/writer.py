@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import struct
 from array import array
+from collections.abc import Callable
 from sys import byteorder
+from typing import Any
 
 from ..errors import (
     CorruptImageError,
@@ -59,6 +61,54 @@ class WritableQcow2Image(Qcow2Image):
             h.autoclear_features &= KEPT_AUTOCLEAR
             self.store.pwrite(88, struct.pack(">Q", h.autoclear_features))
             self.store.flush()
+
+
+    # ------------------------------------------------------------------ public mutators
+    # Each runs under _guard(): metadata corruption found while writing marks the image
+    # corrupt (incompatible bit 1) so nothing writes to it again, as QEMU does.
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write guest bytes at any offset and length."""
+        self._guard(self._write_impl, offset, data)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        """Make [offset, +length) read as zeros, with metadata where QEMU would (spec §1.11)."""
+        self._guard(self._write_zeroes_impl, offset, length, unmap)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Drop whole clusters (partial ones are ignored, as QEMU does)."""
+        self._guard(self._discard_impl, offset, length)
+
+    def resize(self, new_size: int) -> None:
+        """Grow or shrink the virtual disk."""
+        self._guard(self._resize_impl, new_size)
+
+    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
+        if self.corrupt:
+            raise CorruptImageError("Image is corrupt; cannot be written to", fatal=False)
+        if self.lazy_refcounts and not self.dirty:
+            self._mark_dirty()
+        try:
+            fn(*args)
+        except CorruptImageError as e:
+            if e.fatal and not self.corrupt:
+                self._mark_corrupt()
+            raise
+
+    def _mark_dirty(self) -> None:
+        # Lazy refcounts: the dirty bit is durable before any metadata that relies on it.
+        self.header.incompatible_features |= C.QCOW2_INCOMPAT_DIRTY
+        self.store.pwrite(72, struct.pack(">Q", self.header.incompatible_features))
+        self.store.flush()
+        self.dirty = True
+
+    def _mark_corrupt(self) -> None:
+        self.corrupt = True
+        self.header.incompatible_features |= C.QCOW2_INCOMPAT_CORRUPT
+        try:
+            self.store.pwrite(72, struct.pack(">Q", self.header.incompatible_features))
+            self.store.flush()
+        except OSError:
+            pass
 
     # ------------------------------------------------------------------ header helpers
     def _set_header_reftable(self, offset: int, clusters: int) -> None:
@@ -146,7 +196,7 @@ class WritableQcow2Image(Qcow2Image):
                     offset=ci << cb)
 
     # ------------------------------------------------------------------ write
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    def _write_impl(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write guest bytes at any offset and length."""
         view = memoryview(data).cast("B")
         self._check_range(offset, len(view))
@@ -390,7 +440,7 @@ class WritableQcow2Image(Qcow2Image):
             self.refcounts.queue_decrease(off, self.cluster_size)
 
     # ------------------------------------------------------------------ zero / discard
-    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+    def _write_zeroes_impl(self, offset: int, length: int, unmap: bool = False) -> None:
         """Make [offset, +length) read as zeros, with metadata where QEMU would (spec §1.11)."""
         self._check_range(offset, length)
         if not length:
@@ -509,7 +559,7 @@ class WritableQcow2Image(Qcow2Image):
             table[2 * idx + 1] = bm
             self._dirty_l2[l2_off] = table
 
-    def discard(self, offset: int, length: int) -> None:
+    def _discard_impl(self, offset: int, length: int) -> None:
         """Drop whole clusters (partial ones are ignored, as QEMU does); v3 makes them read
         as zero when they held data or a backing file exists, v2 only without backing."""
         self._check_range(offset, length)
@@ -571,7 +621,7 @@ class WritableQcow2Image(Qcow2Image):
             self._release_entry(old)
 
     # ------------------------------------------------------------------ resize
-    def resize(self, new_size: int) -> None:
+    def _resize_impl(self, new_size: int) -> None:
         """Grow or shrink the virtual disk (qcow2_co_truncate, exact L1 size).
 
         Growing over a longer backing file zeroes the new area so the backing data does not
@@ -702,7 +752,16 @@ class WritableQcow2Image(Qcow2Image):
     def close(self) -> None:
         if not self._closed:
             try:
-                self.flush()
+                if not self.corrupt:
+                    self.flush()
+                    if self.dirty:
+                        # Clean close of a lazy-refcount image: everything is flushed, so
+                        # the refcounts are exact again.
+                        self.header.incompatible_features &= ~C.QCOW2_INCOMPAT_DIRTY
+                        self.store.pwrite(72, struct.pack(">Q",
+                                                          self.header.incompatible_features))
+                        self.store.flush()
+                        self.dirty = False
             finally:
                 super().close()
 

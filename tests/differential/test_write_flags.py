@@ -1,0 +1,68 @@
+"""Dirty bit (lazy refcounts) and corrupt bit handling of the write path, checked with
+qemu-img."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+import qcow2
+from tests.conftest import qemu_img, qemu_io, run
+
+pytestmark = pytest.mark.oracle
+
+
+def _info(p: Path) -> dict[str, object]:
+    out: dict[str, object] = json.loads(qemu_img("info", "-U", "--output=json", p).stdout)
+    return out
+
+
+def test_lazy_refcounts_dirty_while_writing_clean_after_close(tmp_path: Path) -> None:
+    p = tmp_path / "lazy.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", p, "8M")
+    img = qcow2.open(str(p), readonly=False)
+    img.write(0, b"x" * 100000)
+    img.flush()
+    assert _info(p)["dirty-flag"] is True
+    img.close()
+    assert _info(p)["dirty-flag"] is False
+    assert qemu_img("check", p, check=False).returncode == 0
+    with qcow2.open(str(p)) as ro:
+        assert ro.read(0, 100000) == b"x" * 100000
+
+
+def test_dirty_image_is_refused_read_write_and_readable_read_only(tmp_path: Path) -> None:
+    p = tmp_path / "dirty.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", p, "8M")
+    r = run(["qemu-io", "-c", "write -P 7 0 64k", "-c", "abort", p], check=False)
+    assert r.returncode != 0  # qemu-io aborted on purpose, leaving the image dirty
+    with qcow2.open(str(p)) as ro:
+        assert ro.read(0, 65536) == b"\x07" * 65536
+    with pytest.raises(qcow2.Qcow2Error, match="dirty"):
+        qcow2.open(str(p), readonly=False)
+
+
+def test_write_hitting_metadata_marks_image_corrupt(tmp_path: Path) -> None:
+    p = tmp_path / "evil.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", p, "8M")
+    qemu_io(p, "write -P 1 0 64k")
+    raw = bytearray(p.read_bytes())
+    l1_off = struct.unpack_from(">Q", raw, 40)[0]
+    l2_off = struct.unpack_from(">Q", raw, l1_off)[0] & 0x00FFFFFFFFFFFE00
+    # Point guest cluster 0 at the L1 table itself (COPIED set, so it is written in place).
+    struct.pack_into(">Q", raw, l2_off, l1_off | 1 << 63)
+    p.write_bytes(raw)
+    img = qcow2.open(str(p), readonly=False)
+    with pytest.raises(qcow2.MetadataOverlapError):
+        img.write(0, b"boom")
+    with pytest.raises(qcow2.CorruptImageError):
+        img.write(1 << 20, b"more")
+    img.close()
+    assert p.read_bytes()[l1_off:l1_off + 4] != b"boom"
+    data = _info(p)["format-specific"]
+    assert isinstance(data, dict) and data["data"]["corrupt"] is True
+    with pytest.raises(qcow2.ReadOnlyImageError):
+        qcow2.open(str(p), readonly=False)
