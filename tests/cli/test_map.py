@@ -152,3 +152,35 @@ def test_map_errors(cwd: Path, capsys: pytest.CaptureFixture[str], argv: list[st
     plain(cwd)
     make(cwd / "top.qcow2", backing_file="nothere.qcow2", backing_format="qcow2")
     assert run(capsys, *argv) == (1, "", f"qcow2: {message}\n")
+
+
+def test_map_corrupt_entry(cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Guest clusters 0 and 1 map to 0x50000 and 0x60000 (builder layout); cluster 1's entry
+    # gets an unaligned offset. qemu-img has printed nothing but "[" when the query at
+    # cluster 1 fails: the entry of cluster 0 was still being merged.
+    p = make(cwd / "b.qcow2", clusters={0: b"a", 1: b"b", 4: b"c"})
+    with open(p, "r+b") as f:
+        f.seek(4 * 65536 + 8)
+        f.write((0x8000000000000000 | 0x60200).to_bytes(8, "big"))
+    notice = ("qcow2: Image is corrupt: Cluster allocation offset 0x60200 unaligned (L2 offset: "
+              "0x40000, L2 index: 0x1); further non-fatal corruption events will be "
+              "suppressed\nqcow2: Could not read file metadata: Input/output error\n")
+    assert run(capsys, "map", "--output=json", "b.qcow2") == (1, "[", notice)
+    assert run(capsys, "map", "--output=json", "-s", "1k", "-l", "10k", "b.qcow2") == (
+        0, '[{ "start": 1024, "length": 10240, "depth": 0, "present": true, "zero": false, '
+           '"data": true, "offset": 328704}]\n', "")
+    assert run(capsys, "map", "b.qcow2") == (1, HEADER, notice)
+
+
+def test_map_corrupt_entry_after_others(cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # cluster 0 is data, 1-3 unallocated, 4 unreadable: only the data entry was printed
+    p = make(cwd / "b.qcow2", clusters={0: b"a", 4: b"c"})
+    with open(p, "r+b") as f:
+        f.seek(4 * 65536 + 4 * 8)
+        f.write((0x8000000000000000 | 0x60200).to_bytes(8, "big"))
+    rc, out, err = run(capsys, "map", "--output=json", "b.qcow2")
+    assert (rc, out) == (1, '[{ "start": 0, "length": 65536, "depth": 0, "present": true, '
+                            '"zero": false, "data": true, "offset": 327680},\n')
+    assert err.endswith("Could not read file metadata: Input/output error\n")
+    assert run(capsys, "map", "b.qcow2")[:2] == (
+        1, HEADER + "0               0x10000         0x50000         b.qcow2\n")

@@ -494,6 +494,41 @@ def test_map_windows(images: dict[str, Path], name: str, capsys: pytest.CaptureF
         assert ours(capsys, *argv) == theirs(path.parent, *argv), argv
 
 
+def _l2_entry_offset(path: Path, l1_index: int, l2_index: int) -> tuple[int, int]:
+    with open(path, "rb") as fh:
+        fh.seek(40)
+        l1 = struct.unpack(">Q", fh.read(8))[0]
+        fh.seek(l1 + 8 * l1_index)
+        l2 = struct.unpack(">Q", fh.read(8))[0] & 0x00FFFFFFFFFFFE00
+    return l1 + 8 * l1_index, l2 + 8 * l2_index
+
+
+@pytest.mark.parametrize("case", ["data_unaligned", "l2_unaligned"])
+@pytest.mark.parametrize("output", ["json", "human"])
+def test_map_corrupt_metadata(tmp_path: Path, case: str, output: str,
+                              capsys: pytest.CaptureFixture[str],
+                              in_dir: Callable[[Path], None]) -> None:
+    # qemu-img prints the entries before the unreadable offset except the one it was still
+    # merging, then qcow2's corruption notice and "Could not read file metadata"
+    f = _create(tmp_path, "bad.qcow2", 8 * MiB, "cluster_size=4k")
+    _io(tmp_path, f, "write -P 1 0 8k", "write -P 2 100k 4k", "write -P 3 2M 4k",
+        "write -P 4 3M 4k", "write -P 5 6M 4k")
+    l1_entry, l2_entry = _l2_entry_offset(tmp_path / f, 1, 256)
+    if case == "data_unaligned":
+        with open(tmp_path / f, "r+b") as fh:
+            fh.seek(l2_entry)
+            old = struct.unpack(">Q", fh.read(8))[0]
+        _poke(tmp_path / f, l2_entry, ">Q", old | 0x200)
+    else:
+        _poke(tmp_path / f, l1_entry, ">Q", (1 << 63) | 0x30200)
+    in_dir(tmp_path)
+    for argv in (("map", f"--output={output}", f), ("map", f"--output={output}", "-s", "8k", f),
+                 ("map", f"--output={output}", "-s", "2M", f)):
+        got, exp = ours(capsys, *argv), theirs(tmp_path, *argv)
+        assert exp[0] == 1 and "Could not read file metadata" in exp[2]
+        assert got == exp, argv
+
+
 # ----------------------------------------------------------------------------- console script
 def _script() -> str:
     return str(Path(sys.executable).with_name("qcow2"))

@@ -6,7 +6,8 @@ import argparse
 from collections.abc import Iterable
 
 from ..engine.device import Extent
-from .common import cvtnum, fail, open_failure, write_out
+from ..ops.map import MapReadError
+from .common import cvtnum, fail, open_failure, os_reason, write_out
 from .info import one_filename, output_format
 
 
@@ -64,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_json(entries: Iterable[Extent]) -> int:
-    from ..errors import Qcow2Error
-
     out = ["["]
     try:
         first = True
@@ -74,17 +73,16 @@ def _run_json(entries: Iterable[Extent]) -> int:
                 out.append(",\n")
             first = False
             out.append(json_entry(e))
-    except (Qcow2Error, OSError) as exc:
-        write_out("".join(out))
-        return fail(f"Could not read file metadata: {exc}")
+    except MapReadError as exc:
+        # qemu-img had printed each entry with the separator that follows it
+        write_out("".join(out) + ("" if first else ",\n"))
+        return _read_error(exc)
     out.append("]\n")
     write_out("".join(out))
     return 0
 
 
 def _run_human(entries: Iterable[Extent]) -> int:
-    from ..errors import Qcow2Error
-
     out = [HUMAN_HEADER]
     try:
         for e in entries:
@@ -95,8 +93,24 @@ def _run_human(entries: Iterable[Extent]) -> int:
             if e.data and not e.zero:
                 out.append(f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.host_offset or 0):<16}"
                            f"{e.filename or ''}\n")
-    except (Qcow2Error, OSError) as exc:
+    except MapReadError as exc:
         write_out("".join(out))
-        return fail(f"Could not read file metadata: {exc}")
+        return _read_error(exc)
     write_out("".join(out))
     return 0
+
+
+def _read_error(exc: MapReadError) -> int:
+    """qemu-img's report of a failed block-status query (stderr, exit 1)."""
+    from ..errors import CorruptImageError
+
+    cause = exc.cause
+    if isinstance(cause, CorruptImageError):
+        # what qcow2_signal_corruption() prints for an image opened read-only; the query
+        # then fails with EIO
+        fail(f"Image is corrupt: {cause}; further non-fatal corruption events will be "
+             "suppressed")
+        return fail("Could not read file metadata: Input/output error")
+    if isinstance(cause, OSError):
+        return fail(f"Could not read file metadata: {os_reason(cause)}")
+    return fail(f"Could not read file metadata: {cause}")
