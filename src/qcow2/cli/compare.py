@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .common import fail, open_failure, write_out
 from .main import PROG, UsageError, error_line
 
 if TYPE_CHECKING:
+    from ..engine.device import BlockDevice
     from ..ops.progress import Progress
 
 
@@ -54,7 +56,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace, progress: Progress, quiet: bool) -> int:
-    from ..engine.device import BlockDevice
     from ..engine.open import open_image
     from ..errors import Qcow2Error
     from ..ops.compare import CompareError, compare
@@ -74,9 +75,14 @@ def _compare(args: argparse.Namespace, progress: Progress, quiet: bool) -> int:
                 write_out(text)
                 sys.stdout.flush()
 
+        fmts: tuple[str | None, str | None] = (args.fmt1, args.fmt2)
+
+        def reopener(i: int) -> Callable[[], BlockDevice]:
+            return lambda: open_image(names[i], fmts[i], True, backing_policy="follow")
+
         try:
             return compare(devs[0], devs[1], names, strict=args.strict, progress=progress,
-                           out=out)
+                           out=out, reopen=(reopener(0), reopener(1)))
         except CompareError as e:
             for line in e.notes:
                 sys.stderr.write(line + "\n")

@@ -507,7 +507,7 @@ class _Copier:
         except KeyError:
             with self._lock:
                 if fd not in self._mmaps:
-                    self._mmaps[fd] = _map_file(fd)
+                    self._mmaps[fd] = map_file(fd)
                 mm = self._mmaps[fd]
         if mm is None or b.host_offset + b.length > len(mm):
             return None
@@ -576,7 +576,7 @@ class _Copier:
         self._mmaps.clear()
 
 
-def _map_file(fd: int) -> mmap.mmap | None:
+def map_file(fd: int) -> mmap.mmap | None:
     """A read-only shared mapping of a regular file, or None if it cannot be mapped."""
     try:
         st = os.fstat(fd)
