@@ -206,11 +206,16 @@ def _small(tmp: Path) -> Path:
     ["-t", "bogus", "a.qcow2", "o.raw"],
     ["a.qcow2"],
     ["a.qcow2", "nodir/o.raw"],
+    ["a.qcow2", "adir"],
+    ["a.qcow2", "/dev/null"],
+    ["a.qcow2", "a.qcow2"],
+    ["-f", "raw", "r.raw", "r.raw"],
 ])
 def test_convert_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                         capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     _small(tmp_path)
     (tmp_path / "r.raw").write_bytes(b"x" * 4096)
+    (tmp_path / "adir").mkdir()
     monkeypatch.chdir(tmp_path)
     want = theirs("convert", *argv, cwd=tmp_path)
     assert want[0] != 0

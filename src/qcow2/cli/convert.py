@@ -11,6 +11,7 @@ from .main import PROG, UsageError
 
 if TYPE_CHECKING:
     from ..engine.device import BlockDevice
+    from ..ops.convert import Source
     from ..ops.progress import Progress
 
 MAX_COROUTINES = 16
@@ -273,6 +274,11 @@ def _convert(args: argparse.Namespace, min_sparse: int, workers_cap: int | None,
             return False
 
         total = sum(s.length for s in sources)
+        if _is_source_file(out_name, sources):
+            # QEMU's image locking refuses this; without it the source would be destroyed
+            fail(f"{out_name}: error while converting raw: Failed to get \"write\" lock\n"
+                 f"Is another process using the image [{out_name}]?")
+            return False
         try:
             target = RawTarget(out_name, total, cache=args.cache)
         except ConvertError as e:
@@ -308,6 +314,25 @@ def _convert(args: argparse.Namespace, min_sparse: int, workers_cap: int | None,
     finally:
         for s in sources:
             s.device.close()
+
+
+def _is_source_file(path: str, sources: list[Source]) -> bool:
+    """Whether `path` is one of the files the sources read (an image, backing or data file)."""
+    import os
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    for src in sources:
+        for fd in src.host_files().values():
+            try:
+                other = os.fstat(fd)
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return True
+    return False
 
 
 def _reopener(name: str, fmt: str | None, snap: tuple[str | None, str | None] | None

@@ -339,21 +339,35 @@ class RawTarget:
                 raise ConvertError(f"{path}: error while converting raw: Could not create "
                                    f"'{path}': {io_reason(e)}") from None
             try:
-                # Clear, resize, then allocate the first block as raw_co_create() does (it
-                # speeds up QEMU's alignment probing; we keep it for identical sparseness).
-                os.ftruncate(self.fd, 0)
-                os.ftruncate(self.fd, size)
-                if size:
-                    n = SECTOR if size < MAX_ALIGN else MAX_ALIGN
-                    os.pwrite(self.fd, bytes(n), 0)
-            except OSError as e:
+                self.has_zero_init = self._create(size) and zero_init
+            except BaseException:
                 os.close(self.fd)
-                raise ConvertError(f"{path}: error while converting raw: Could not resize "
-                                   f"file: {io_reason(e)}") from None
-            self.has_zero_init = zero_init
+                raise
         else:
             self.fd = os.open(path, flags)
             self.has_zero_init = False
+
+    def _create(self, size: int) -> bool:
+        """raw_co_create(): clear and resize a regular file; True if it then reads as zero."""
+        path = self.path
+        try:
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                # a device keeps its size and content: it only has to be big enough
+                if os.lseek(self.fd, 0, os.SEEK_END) < size:
+                    raise ConvertError(f"{path}: error while converting raw: Cannot grow "
+                                       "device files")
+                return False
+            # Clear, resize, then allocate the first block as QEMU's file driver does (it
+            # speeds up QEMU's alignment probing; we keep it for identical sparseness).
+            os.ftruncate(self.fd, 0)
+            os.ftruncate(self.fd, size)
+            if size:
+                n = SECTOR if size < MAX_ALIGN else MAX_ALIGN
+                os.pwrite(self.fd, bytes(n), 0)
+        except OSError as e:
+            raise ConvertError(f"{path}: error while converting raw: Could not resize file: "
+                               f"{io_reason(e)}") from None
+        return True
 
     def write(self, offset: int, data: memoryview) -> None:
         done = 0
