@@ -5,7 +5,8 @@ The pipeline, with the qemu-img 7.2 function each stage follows:
 
 1. plan: the source extents become status runs, then requests (`convert_iteration_sectors`):
    zero/unallocated runs are BLK_ZERO, everything else BLK_DATA, cut into 2 MiB requests;
-2. read: each BLK_DATA request is read into a reusable per-thread buffer;
+2. read: each BLK_DATA request is read into a pooled buffer, or seen in place through a
+   read-only mapping of the host file when the data lies there unchanged;
 3. zero detection: the buffer is scanned for zero sectors and split into runs to write and
    holes to skip (`is_allocated_sectors_min`, vectorised with numpy);
 4. write: the target writes data runs; holes and BLK_ZERO cost nothing when the target reads
@@ -266,9 +267,10 @@ def allocated_ranges(flags: Any, sector_num: int, min_sparse: int, alignment: in
     mask = alignment - 1
 
     def is_allocated(pos: int) -> tuple[int, bool]:
-        # is_allocated_sectors(buf + pos, n - pos)
-        is_zero = not flags[pos]
-        run_end = bounds[bisect_right(bounds, pos)]
+        # is_allocated_sectors(buf + pos, n - pos); runs alternate, the first one is `first`
+        k = bisect_right(bounds, pos)
+        is_zero = first == bool(k & 1)
+        run_end = bounds[k]
         i = run_end - pos
         if run_end == n:
             return i, not is_zero
@@ -344,7 +346,10 @@ class RawTarget:
                 os.close(self.fd)
                 raise
         else:
-            self.fd = os.open(path, flags)
+            try:
+                self.fd = os.open(path, flags)
+            except OSError as e:
+                raise ConvertError(f"Could not open '{path}': {io_reason(e)}") from None
             self.has_zero_init = False
 
     def _create(self, size: int) -> bool:
