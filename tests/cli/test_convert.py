@@ -295,3 +295,22 @@ def test_sector_flags(kinds: list[int]) -> None:
         buf += sector
     got = sector_flags(buf, len(kinds))
     assert got.tolist() == [k != 0 for k in kinds]
+
+
+def test_progress_on_sigusr1() -> None:
+    """Without -p, SIGUSR1 asks for one report on stderr (qemu-progress.c's dummy mode)."""
+    import io
+    import signal
+
+    out, err = io.StringIO(), io.StringIO()
+    p = Progress(False, 1.0, stream=out, err_stream=err)
+    try:
+        p.print(0, 100)
+        p.print(30.0, 0)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        p.print(60.0, 0)
+        p.print(90.0, 0)
+    finally:
+        p.end()
+    assert (out.getvalue(), err.getvalue()) == ("", "    (60.00/100%)\n")
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
