@@ -10,6 +10,7 @@ relative names, as a user would type them.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -561,3 +562,19 @@ def test_console_script_error(tmp_path: Path) -> None:
     assert p.stdout == ""
     assert p.stderr == ("qcow2: Could not open 'missing.qcow2': Could not open "
                         "'missing.qcow2': No such file or directory\n")
+
+
+def test_console_script_non_utf8_names(tmp_path: Path) -> None:
+    # File and backing names that are not UTF-8: raw bytes in human output, \uFFFD in JSON
+    name = b"\xff\xfe-img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", os.fsdecode(name), "1M", cwd=tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", os.fsdecode(name), "-F", "qcow2",
+             "top.qcow2", cwd=tmp_path)
+    for argv in ([b"info", name], [b"info", b"--output=json", name],
+                 [b"info", b"--backing-chain", b"top.qcow2"],
+                 [b"info", b"--output=json", b"--backing-chain", b"top.qcow2"],
+                 [b"map", name], [b"info", b"\xffmissing"]):
+        exp = subprocess.run([b"qemu-img", *argv], cwd=tmp_path, capture_output=True)
+        got = subprocess.run([os.fsencode(_script()), *argv], cwd=tmp_path, capture_output=True)
+        assert (got.returncode, got.stdout, got.stderr) == (
+            exp.returncode, exp.stdout, exp.stderr.replace(b"qemu-img: ", b"qcow2: ")), argv

@@ -9,12 +9,13 @@ JSON writer (qobject/qdict.c, qobject/json-writer.c), and the human dump of QAPI
 from __future__ import annotations
 
 import errno
+import math
 import os
 import sys
 from collections.abc import Iterable
 from typing import Any
 
-from .main import PROG, UsageError, error_line
+from .main import PROG, UsageError
 
 INT64_MAX = (1 << 63) - 1
 _U64 = 1 << 64
@@ -84,7 +85,7 @@ def qemu_strtosz(text: str) -> int:
     mul = _suffix_mul(text[end:end + 1])
     if mul > 0:
         if hexa:
-            error_line(f"warning: Using a multiplier suffix on hex numbers is deprecated: {text}")
+            fail(f"warning: Using a multiplier suffix on hex numbers is deprecated: {text}")
         end += 1
     else:
         mul = 1
@@ -145,12 +146,8 @@ def size_to_str(val: int) -> str:
     suffixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
     # frexp(val / (1000/1024)) exponent, minus one, divided by ten: switch units at >= 1000.
     x = val / (1000.0 / 1024.0)
-    e = 0
-    if x != 0:
-        import math
-
-        e = math.frexp(x)[1]
-    i = max(0, (e - 1) // 10) if e > 0 else 0
+    e = math.frexp(x)[1]
+    i = (e - 1) // 10 if e > 0 else 0
     i = min(i, len(suffixes) - 1)
     return "%0.3g %sB" % (val / float(1 << (i * 10)), suffixes[i])  # noqa: UP031
 
@@ -269,27 +266,30 @@ def dump_qobject(indent: int, obj: Any, out: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------- output & errors
-def write_out(text: str) -> None:
-    """Write to stdout; file names that are not valid UTF-8 go out as their original bytes."""
+def _write(stream: Any, text: str) -> None:
+    # Names from argv or from an image may hold bytes that are not UTF-8 (surrogate escapes):
+    # they go out as the original bytes, as qemu-img prints them.
     try:
-        sys.stdout.write(text)
+        text.encode("utf-8")
     except UnicodeEncodeError:
-        buf = getattr(sys.stdout, "buffer", None)
-        if buf is None:
-            sys.stdout.write(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        buf = getattr(stream, "buffer", None)
+        if buf is not None:
+            stream.flush()
+            buf.write(text.encode("utf-8", "surrogateescape"))
+            buf.flush()
             return
-        sys.stdout.flush()
-        buf.write(text.encode("utf-8", "surrogateescape"))
-        buf.flush()
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    stream.write(text)
+
+
+def write_out(text: str) -> None:
+    """Write to stdout."""
+    _write(sys.stdout, text)
 
 
 def fail(message: str) -> int:
     """Print `qcow2: message` on stderr; qemu-img's exit status for a failed command."""
-    try:
-        error_line(message)
-    except UnicodeEncodeError:
-        sys.stderr.write(f"{PROG}: {message}\n".encode("utf-8", "surrogateescape")
-                         .decode("utf-8", "replace"))
+    _write(sys.stderr, f"{PROG}: {message}\n")
     return 1
 
 

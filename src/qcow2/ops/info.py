@@ -127,6 +127,19 @@ def _qcow2_specific(dev: Any) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None}
 
 
+def _backing_name(dev: BlockDevice) -> str | None:
+    """The backing file name as QEMU keeps it: a C string (cut at a NUL byte), and any bytes
+    that are not UTF-8 kept as they are (surrogate escapes, like file names from argv)."""
+    name: str | None = getattr(dev, "backing_file", None)
+    h = getattr(dev, "header", None)
+    store = getattr(dev, "store", None)
+    offset = getattr(h, "backing_file_offset", 0)
+    if not name or not offset or store is None:
+        return name
+    raw: bytes = store.pread(offset, getattr(h, "backing_file_size", 0))
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
 def image_info(dev: BlockDevice, filename: str) -> ImageInfo:
     """bdrv_query_image_info() for an opened image (its backing file is not needed)."""
     fmt = dev.format_name
@@ -143,7 +156,7 @@ def image_info(dev: BlockDevice, filename: str) -> ImageInfo:
         info["cluster-size"] = cs
     if getattr(dev, "encrypted", False):
         info["encrypted"] = True
-    backing = getattr(dev, "backing_file", None)
+    backing = _backing_name(dev)
     if backing:
         info["backing-filename"] = backing
         info["full-backing-filename"] = full_backing_filename(filename, backing)
