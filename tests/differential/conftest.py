@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -693,6 +694,27 @@ def _windows(case: MatrixImage) -> list[tuple[int, int]]:
     return out
 
 
+def _dig_holes(path: Path) -> None:
+    """Turn the file's zero blocks, and so its unwritten extents, into real holes.
+
+    QEMU zeroes COW areas with fallocate, which leaves unwritten extents on ext4. Whether
+    SEEK_DATA calls those data depends on what the page cache holds at that moment (and a
+    read of the header with an 8 MiB readahead can pull in the whole file), so
+    `qemu-img map` of a metadata-preallocated image would change from one run to the
+    next. Holes are answered from the extent tree alone: both tools see the same thing.
+    """
+    if not shutil.which("fallocate"):
+        return
+    # Read it first: fallocate skips what SEEK_DATA calls a hole, which uncached unwritten
+    # extents are. Twice, as punching can leave a last unwritten piece behind.
+    for _ in range(2):
+        with open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+        subprocess.run(["fallocate", "--dig-holes", str(path)], check=False,
+                       capture_output=True)
+
+
 def drop_page_cache(case: MatrixImage) -> None:
     """Evict the case's files from the page cache before asking where their holes are.
 
@@ -749,6 +771,9 @@ def _build_all(root: Path) -> dict[str, MatrixImage]:
     out: dict[str, MatrixImage] = {}
     with ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 2) * 2)) as pool:
         built = list(pool.map(build, BUILDERS.items()))
+        files = [p for p in root.rglob("*") if p.is_file() and p.parent != root]
+        os.sync()   # dirty pages still being written back would escape the digging
+        list(pool.map(_dig_holes, files))
         # qcow2's metadata-preallocation heuristic (which changes what map reports) reads the
         # file's allocated size; let delayed allocation settle so that QEMU now and we later
         # see the same st_blocks.
