@@ -71,7 +71,7 @@ def qemu_json(*args: str | os.PathLike[str], cwd: str | os.PathLike[str] | None 
 
 def qemu_raw(path: str | os.PathLike[str], tmp: Path, *extra: str) -> bytes:
     """The guest content as qemu-img reads it (`qemu-img convert -O raw`)."""
-    out = tmp / f"oracle-{abs(hash((str(path),) + extra))}.raw"
+    out = tmp / f"oracle-{abs(hash((str(path), *extra)))}.raw"
     qemu_img("convert", *extra, "-O", "raw", path, out)
     data = out.read_bytes()
     out.unlink()
