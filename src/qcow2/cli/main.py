@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "map": ("qcow2.cli.map", "dump the metadata of an image"),
     "convert": ("qcow2.cli.convert", "convert an image to another format"),
     "compare": ("qcow2.cli.compare", "check whether two images have the same content"),
+    "create": ("qcow2.cli.create", "create a new disk image"),
     "io": ("qcow2.cli.io", "run qemu-io style commands on an image"),
     "resize": ("qcow2.cli.resize", "grow or shrink an image"),
 }

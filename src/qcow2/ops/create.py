@@ -528,19 +528,22 @@ class _Request:
     files_created: list[str] = field(default_factory=list)
 
 
-def img_create(filename: str, fmt: str = "raw", options: Mapping[str, str] | None = None,
+def img_create(filename: str, fmt: str = "raw", options: Mapping[str, str] | str | None = None,
                size: int | None = None, *, base_filename: str | None = None,
                base_fmt: str | None = None, no_backing: bool = False,
                out: Callable[[str], None] | None = None, warn: Warn | None = None) -> None:
     """bdrv_img_create(): what `qemu-img create` does once its arguments are parsed.
 
-    `options` are raw -o values (as parse_create_options() returns them); `size` is the
-    positional size (None when omitted). `out` receives the "Formatting" line (None: quiet).
-    Raises CreateError with qemu-img's message.
+    `options` is the -o text (parsed here, after the format and protocol checks, as QEMU does)
+    or already parsed raw values; `size` is the positional size (None when omitted). `out`
+    receives the "Formatting" line (None: quiet). Raises CreateError with qemu-img's message.
     """
     descs = _descs(fmt)
     path = _strip_file_protocol(filename)
-    opts: dict[str, str] = dict(options or {})
+    if isinstance(options, str):
+        opts = parse_create_options(fmt, options, warn)
+    else:
+        opts = dict(options or {})
     if opts.get("encryption") is not None and _parse_bool("encryption", opts["encryption"]):
         raise CreateError("Encryption is not supported yet (option 'encryption')")
     for name in opts:
