@@ -1,5 +1,6 @@
 """Demo: build a small qcow2 image (data, zero and compressed clusters, a backing file),
-then inspect it with the `qcow2` tool: info, map, convert to raw, compare."""
+then work on it with the `qcow2` tool: info, map, convert to raw, compare, write through
+`qcow2 io` (qemu-io syntax), resize, and compare again (now different)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ def main() -> int:
     sh(tool, "map", "--output=json", top)
     raw = os.path.join(d, "top.raw")
     sh(tool, "convert", "-p", "-O", "raw", top, raw)
+    sh(tool, "compare", top, raw)
+    sh(tool, "io", "-c", "write -P 0x5a 1000 100000", "-c", "write -z 2M 64k",
+       "-c", "read -P 0x5a 1000 100000", "-c", "map", top)
+    sh(tool, "resize", top, "+64M")
     sh(tool, "compare", top, raw)
     sh(tool, "info", "--output=json", raw)
     print(f"Files left in {d}")
