@@ -45,6 +45,7 @@ __all__ = [
     "ReadOnlyImageError",
     "UnsupportedFeatureError",
     "__version__",
+    "create",
     "open",
     "path_combine",
 ]
@@ -69,3 +70,19 @@ def open(path: str, fmt: str | None = None, readonly: bool = True, *,
     return open_image(path, fmt, readonly, snapshot=snapshot, backing_policy=backing_policy,
                       open_backing=open_backing, data_file=data_file,
                       l2_cache_size=l2_cache_size)
+
+
+def create(path: str, size: int | str | None = None, fmt: str = "qcow2", *,
+           open_backing: bool = True, **options: object) -> None:
+    """Create an image byte-identical to `qemu-img create -f FMT -o OPTIONS PATH SIZE` (7.2).
+
+    fmt: "qcow2" (default), "qcow" or "raw". Options are named as qemu-img's -o (compat,
+    backing_file, backing_fmt, cluster_size, extended_l2, refcount_bits, lazy_refcounts,
+    compression_type, data_file, data_file_raw, preallocation) with str, int or bool values.
+    Without a size, the backing file's is used (opened relative to `path`, as QEMU does);
+    open_backing=False is qemu-img's -u. Raises ops.create.CreateError (a Qcow2Error and
+    ValueError) with qemu-img's message.
+    """
+    from .ops.create import create as _create
+
+    _create(path, size, fmt, open_backing=open_backing, **options)
