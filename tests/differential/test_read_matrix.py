@@ -82,6 +82,10 @@ def test_as_file_copy(matrix: dict[str, MatrixImage], name: str) -> None:
         shutil.copyfileobj(f, out, 300001)   # an odd chunk size: reads straddle clusters
         assert out.getvalue() == case.read_oracle(start, case.size - start)
         assert f.read(10) == b""
+        f.seek(-min(case.size, 3 * MiB + 7), io.SEEK_END)
+        tail = f.read()   # readall
+        assert tail == case.read_oracle(case.size - len(tail), len(tail))
+        assert len(tail) == min(case.size, 3 * MiB + 7)
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)

@@ -244,6 +244,13 @@ class Qcow2File(io.RawIOBase):
         self._pos += n
         return n
 
+    def readall(self) -> bytes:
+        # RawIOBase.readall() would loop in 8 KiB steps, each one a walk of the mapping.
+        n = max(0, self._dev.virtual_size - self._pos)
+        data = self._dev.read(self._pos, n) if n else b""
+        self._pos += n
+        return data
+
     def write(self, b: Any) -> int:
         data = bytes(b)
         self._dev.write(self._pos, data)
