@@ -66,3 +66,22 @@ def test_write_hitting_metadata_marks_image_corrupt(tmp_path: Path) -> None:
     assert isinstance(data, dict) and data["data"]["corrupt"] is True
     with pytest.raises(qcow2.ReadOnlyImageError):
         qcow2.open(str(p), readonly=False)
+
+
+def test_writable_open_drops_bitmaps_without_leaks(tmp_path: Path) -> None:
+    p = tmp_path / "bm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", p, "64M")
+    qemu_io(p, "write -P 1 0 1M")
+    qemu_img("bitmap", "--add", p, "b0")
+    qemu_img("bitmap", "--add", "-g", "128k", p, "b1")
+    qemu_io(p, "write -P 1 2M 1M")  # QEMU records these writes in the bitmaps
+    with qcow2.open(str(p), readonly=False, backing_policy="follow") as img:
+        img.write(0, b"\x02" * 4096)
+    r = qemu_img("check", "--output=json", p, check=False)
+    assert r.returncode == 0, r.stdout
+    assert "leaks" not in json.loads(r.stdout)
+    data = _info(p)["format-specific"]
+    assert isinstance(data, dict) and "bitmaps" not in data["data"]
+    with qcow2.open(str(p)) as ro:
+        assert ro.read(0, 8192) == b"\x02" * 4096 + b"\x01" * 4096
+        assert ro.read(2 << 20, 4096) == b"\x01" * 4096

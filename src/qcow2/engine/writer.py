@@ -25,14 +25,15 @@ from ..errors import (
     UnsupportedFeatureError,
 )
 from ..format import constants as C
-from ..format.header import l1_entries_for
+from ..format.header import encode_header_cluster, l1_entries_for
 from ..io import ByteStore
 from .image import Qcow2Image
 from .refcount import Refcounts
 
 MAX_DIRTY_L2 = 256
-# Autoclear bits we keep: data-file-raw. Bitmaps are dropped on a writable open because we
-# do not update them; QEMU then treats them as inconsistent, which is the autoclear contract.
+# Autoclear bits we keep: data-file-raw. Unknown ones are cleared on a writable open, as QEMU
+# does. Persistent bitmaps are dropped (their clusters freed) because we do not track writes
+# in them: a stale bitmap would make an incremental backup miss data.
 KEPT_AUTOCLEAR = C.QCOW2_AUTOCLEAR_DATA_FILE_RAW
 
 
@@ -57,10 +58,40 @@ class WritableQcow2Image(Qcow2Image):
         self._data_dirty = False
         self._meta_clusters: set[int] | None = None
         self.lazy_refcounts = bool(h.compatible_features & C.QCOW2_COMPAT_LAZY_REFCOUNTS)
-        if h.autoclear_features & ~KEPT_AUTOCLEAR:
+        if self.bitmaps or self.extensions.bitmaps is not None:
+            self._drop_bitmaps()
+        elif h.autoclear_features & ~KEPT_AUTOCLEAR:
             h.autoclear_features &= KEPT_AUTOCLEAR
             self.store.pwrite(88, struct.pack(">Q", h.autoclear_features))
             self.store.flush()
+
+    def _drop_bitmaps(self) -> None:
+        """Remove the bitmaps extension (header rewritten first), then free its clusters."""
+        cs = self.cluster_size
+        spans: list[tuple[int, int]] = []
+        ext = self.extensions.bitmaps
+        if ext is not None:
+            spans.append((ext.bitmap_directory_offset, ext.bitmap_directory_size))
+        for bm in self.bitmaps:
+            if bm.bitmap_table_size > (512 << 20) // 8:
+                raise CorruptImageError(f"Bitmap '{bm.name}' table too large")
+            spans.append((bm.bitmap_table_offset, bm.bitmap_table_size * 8))
+            raw = self.store.pread(bm.bitmap_table_offset, bm.bitmap_table_size * 8)
+            for (e,) in struct.iter_unpack(">Q", raw):
+                if e & C.L1E_OFFSET_MASK:
+                    spans.append((e & C.L1E_OFFSET_MASK, cs))
+        h = self.header
+        h.autoclear_features &= KEPT_AUTOCLEAR
+        self.extensions.bitmaps = None
+        cluster0 = encode_header_cluster(h, self.extensions, self.backing_file)
+        self.store.pwrite(0, cluster0)
+        self.store.flush()
+        self.bitmaps = []
+        for off, length in spans:
+            if off and length and not off & (cs - 1):
+                self.refcounts.queue_decrease(off, length)
+        self.refcounts.apply_decreases()
+        self.refcounts.flush_blocks()
 
 
     # ------------------------------------------------------------------ public mutators
