@@ -140,7 +140,7 @@ class BlockDevice:
         image is clipped to it (nothing is yielded from a start at or past the end).
         """
         if length is None:
-            length = self.virtual_size - start
+            length = max(0, self.virtual_size - start)
         if start < 0 or length < 0:
             self._check_range(start, length)
         length = max(0, min(length, self.virtual_size - start))
