@@ -116,9 +116,9 @@ def _open_store(store: ByteStore, path: str, fmt: str | None, readonly: bool, *,
                                     "internal snapshots")
         return RawImage(store, path)
     if actual == "qcow":
-        from .qcow1 import QcowImage
+        from .qcow1 import QcowImage, WritableQcowImage
 
-        dev = QcowImage(store, path, readonly=readonly)
+        dev = QcowImage(store, path) if readonly else WritableQcowImage(store, path)
         backing_name = dev.backing_file
         backing_fmt = None
     else:

@@ -4,11 +4,16 @@ One mapping walk, `_map_runs()`, translates a guest range through L1 -> L2 into 
 kind (unallocated, plain data, compressed), merging host-contiguous clusters so that a read is
 one pread per run. `layer_status()` reports those runs as QEMU's qcow_co_block_status() does
 (compressed clusters are data without an offset), and `_read_layer()` fills a buffer from them.
+
+`WritableQcowImage` adds writes with QEMU's append-only allocation (spec §2): every new L2
+table and data cluster goes at the end of the file rounded up to a cluster, in guest order, so
+the file comes out byte-identical to what QEMU's block/qcow.c writes for the same requests.
 """
 
 from __future__ import annotations
 
 import re
+import struct
 import zlib
 from array import array
 from collections.abc import Iterator
@@ -25,7 +30,7 @@ from ..format.qcow1 import (
 )
 from ..io import ByteStore
 from .cache import TableCache
-from .device import STATUS_DATA, STATUS_OFFSET_VALID, BlockDevice, LayerRun
+from .device import STATUS_DATA, STATUS_OFFSET_VALID, ZERO_CHUNK, BlockDevice, LayerRun
 
 DEFAULT_L2_CACHE_BYTES = 4 * 1024 * 1024
 # The L1 is loaded lazily in slices: a header may declare an L1 of up to 2 GiB, and legitimate
@@ -64,15 +69,18 @@ class QcowImage(BlockDevice):
     """One qcow v1 layer. Create it with qcow2.open(), which also opens the backing chain."""
 
     format_name = "qcow"
+    # Only the subclass that implements writes may be constructed read-write.
+    _supports_write = False
 
     def __init__(self, store: ByteStore, filename: str, *, readonly: bool = True,
                  l2_cache_size: int | None = None) -> None:
-        if not readonly:
+        if not readonly and not self._supports_write:
             raise ReadOnlyImageError(
-                "qcow (v1) images can only be opened read-only (writing is not implemented)")
+                "QcowImage is the read-only driver: open with qcow2.open(..., readonly=False) "
+                "(WritableQcowImage) to write")
         self.store = store
         self.filename = filename
-        self.readonly = True
+        self.readonly = readonly
         self.backing: BlockDevice | None = None
         self._closed = False
         h = QcowHeader.parse(store.pread(0, QCOW_HEADER_SIZE))
@@ -261,3 +269,209 @@ class QcowImage(BlockDevice):
     @property
     def actual_size(self) -> int:
         return self.store.allocated_size()
+
+
+# A run of clusters allocated together is written with one pwrite and linked with one L2
+# write; the cap bounds the copy-on-write buffer, not the layout (allocation stays sequential).
+MAX_ALLOC_BATCH_BYTES = 8 * 1024 * 1024
+
+
+def _round_up(value: int, align: int) -> int:
+    return (value + align - 1) & ~(align - 1)
+
+
+class WritableQcowImage(QcowImage):
+    """A qcow v1 layer opened read-write (qcow2.open(path, readonly=False)).
+
+    Allocation is QEMU's (block/qcow.c get_cluster_offset()): append-only, no refcounts, never
+    freed. The order makes a crash leave at worst unreferenced space at the end of the file:
+    a new L2 table is written zeroed and synced before the L1 entry that points at it, and new
+    data is written and synced before the L2 entries that point at it. (QEMU itself links
+    first and writes afterwards; the bytes of the finished file are the same.)
+
+    Guest-visible differences from QEMU, all deliberate:
+    - a partial write into a new cluster copies the rest of the cluster from the backing file.
+      QEMU does not (it leaves zeros), which loses backing data whenever clusters are larger
+      than the 512 bytes qemu-img gives every qcow image with a backing file; with those
+      512-byte clusters, writes of whole sectors never need the copy and sub-sector writes are
+      completed from the backing file by QEMU's block layer too, so files stay identical.
+    """
+
+    _supports_write = True
+
+    def __init__(self, store: ByteStore, filename: str, *, l2_cache_size: int | None = None
+                 ) -> None:
+        if not store.writable:
+            raise ReadOnlyImageError(f"'{filename}' is not opened for writing")
+        super().__init__(store, filename, readonly=False, l2_cache_size=l2_cache_size)
+
+    # ------------------------------------------------------------------ public mutators
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write guest bytes at any offset and length."""
+        view = memoryview(data).cast("B")
+        self._check_range(offset, len(view))
+        if len(view):
+            self._write(offset, view, False)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        """Make [offset, +length) read as zeros.
+
+        qcow v1 has no zero clusters and QEMU's driver no write-zeroes hook: the block layer
+        falls back to writing zero buffers, which allocates data clusters like any write
+        (`unmap` changes nothing). We do the same, minus writing the zeros into clusters that
+        are fresh from extending the file.
+        """
+        self._check_range(offset, length)
+        pos = offset
+        end = offset + length
+        zeros = memoryview(ZERO_CHUNK)
+        while pos < end:
+            n = min(end - pos, len(zeros))
+            self._write(pos, zeros[:n], True)
+            pos += n
+
+    def discard(self, offset: int, length: int) -> None:
+        """A no-op, as in QEMU: the qcow driver has no discard, and the block layer then
+        reports success without touching the image."""
+        self._check_range(offset, length)
+
+    def flush(self) -> None:
+        # Every metadata update is already durable (written and synced as it happens).
+        self.store.flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            super().close()
+
+    # ------------------------------------------------------------------ write path
+    def _write(self, offset: int, view: memoryview, zeroes: bool) -> None:
+        # The last inflated cluster may be rewritten as a normal one: drop it, as QEMU does.
+        self._zlib_cache_key = None
+        shift = self.cluster_bits + self.l2_bits
+        end = offset + len(view)
+        pos = offset
+        while pos < end:
+            l1_index = pos >> shift
+            chunk_end = min(end, (l1_index + 1) << shift)
+            l2_offset = self._l2_for_write(l1_index)
+            self._write_in_table(l2_offset, pos, view[pos - offset:chunk_end - offset], zeroes)
+            pos = chunk_end
+
+    def _l2_for_write(self, l1_index: int) -> int:
+        """The L2 table of l1_index, appended at the end of the file if there is none."""
+        l2_offset, _ = self._l2_offset(l1_index, 1)
+        if l2_offset:
+            return l2_offset
+        l2_offset = _round_up(self.store.size(), self.cluster_size)
+        self.store.pwrite(l2_offset, bytes(self.l2_entries * 8))
+        self.store.flush()
+        self.store.pwrite(self.l1_table_offset + l1_index * 8, struct.pack(">Q", l2_offset))
+        self.store.flush()
+        self._l1_cache.get(l1_index // L1_SLICE_ENTRIES)[l1_index % L1_SLICE_ENTRIES] = l2_offset
+        return l2_offset
+
+    def _write_in_table(self, l2_offset: int, pos: int, view: memoryview, zeroes: bool) -> None:
+        """Write `view` at guest `pos`, all within the L2 table at l2_offset, cluster runs in
+        guest order: in place where a plain cluster exists, else allocating."""
+        cbits = self.cluster_bits
+        cs = self.cluster_size
+        index_mask = self.l2_entries - 1
+        table = self.l2_cache.get(l2_offset)
+        end = pos + len(view)
+        max_batch = max(1, MAX_ALLOC_BATCH_BYTES >> cbits)
+        while pos < end:
+            first = pos >> cbits
+            last = (end - 1) >> cbits
+            entry = table[first & index_mask]
+            if entry and not entry & QCOW_OFLAG_COMPRESSED:
+                # Plain clusters: one pwrite per host-contiguous run.
+                c = first + 1
+                while c <= last and table[c & index_mask] == entry + ((c - first) << cbits):
+                    c += 1
+                stop = min(end, c << cbits)
+                n = stop - pos
+                host = entry + (pos & (cs - 1))
+                # QEMU fails such writes with EIO.
+                if entry & 511 or host > MAX_HOST_OFFSET - n:
+                    raise CorruptImageError(
+                        f"Invalid data cluster offset {entry:#x} (L2 offset: {l2_offset:#x}, "
+                        f"L2 index: {first & index_mask:#x})", offset=l2_offset)
+                self.store.pwrite(host, view[:n])
+            else:
+                c = first + 1
+                while (c <= last and c - first < max_batch
+                       and (not table[c & index_mask]
+                            or table[c & index_mask] & QCOW_OFLAG_COMPRESSED)):
+                    c += 1
+                stop = min(end, c << cbits)
+                n = stop - pos
+                self._allocating_write(l2_offset, table, pos, view[:n], zeroes)
+            view = view[n:]
+            pos += n
+
+    def _allocating_write(self, l2_offset: int, table: array[int], pos: int, view: memoryview,
+                          zeroes: bool) -> None:
+        """New clusters for guest [pos, +len(view)): each is unallocated or compressed.
+
+        QEMU appends one cluster after the other at the end of the file; with nothing else
+        allocated in between they are contiguous, so the run is one write and one L2 update.
+        """
+        cbits = self.cluster_bits
+        cs = self.cluster_size
+        index_mask = self.l2_entries - 1
+        first = pos >> cbits
+        count = ((pos + len(view) - 1) >> cbits) - first + 1
+        host = _round_up(self.store.size(), cs)
+        if host > MAX_HOST_OFFSET - count * cs:
+            raise CorruptImageError(
+                f"cannot allocate {count} clusters at {host:#x}: beyond the maximum file size",
+                offset=host, fatal=False)
+        in_first = pos & (cs - 1)
+        buf: bytearray | None = None
+        for i in range(count):
+            cstart = (first + i) << cbits
+            lo = max(pos, cstart)
+            hi = min(pos + len(view), cstart + cs)
+            if hi - lo == cs:
+                continue
+            base = self._cow_base(table[(first + i) & index_mask], cstart)
+            if base is None:
+                continue
+            if buf is None:
+                buf = bytearray(count * cs)
+            buf[i * cs:i * cs + len(base)] = base
+        if buf is not None:
+            buf[in_first:in_first + len(view)] = view
+            self.store.pwrite(host, buf)
+        else:
+            # The new clusters lie beyond the old end of the file: extending it zero-fills
+            # them, so only the guest data needs writing (and none for a zero write).
+            self.store.truncate(host + count * cs)
+            if not zeroes:
+                self.store.pwrite(host + in_first, view)
+        self.store.flush()
+        entries = array("Q", range(host, host + count * cs, cs))
+        for i, e in enumerate(entries):
+            table[(first + i) & index_mask] = e
+        if byteorder == "little":
+            entries.byteswap()
+        self.store.pwrite(l2_offset + (first & index_mask) * 8, entries.tobytes())
+        self.store.flush()
+
+    def _cow_base(self, entry: int, cstart: int) -> bytes | None:
+        """What a partially written new cluster holds outside the write: the inflated cluster
+        it replaces, the backing file's data, or None for zeros."""
+        if entry & QCOW_OFLAG_COMPRESSED:
+            return self._decompress(entry)
+        backing = self.backing
+        if backing is None or cstart >= backing.virtual_size:
+            return None
+        # Only the guest part of a last, partial cluster: QEMU never writes past the end.
+        n = min(self.cluster_size, self.virtual_size - cstart)
+        out = bytearray(n)
+        self.read_backing_or_zero(cstart, memoryview(out))
+        return bytes(out)
