@@ -59,3 +59,8 @@ class EncryptionError(Qcow2Error):
 
 class BadPassphraseError(EncryptionError):
     """No key slot accepts the passphrase."""
+
+
+def c_hex(value: int) -> str:
+    """C's `%#x`, which QEMU's messages use: zero prints as `0`, not `0x0`."""
+    return f"{value:#x}" if value else "0"

@@ -22,6 +22,7 @@ from ..errors import (
     NotFoundError,
     ReadOnlyImageError,
     UnsupportedFeatureError,
+    c_hex,
 )
 from ..format import constants as C
 from ..format.bitmap import BitmapDirEntry, parse_bitmap_directory
@@ -271,11 +272,11 @@ class Qcow2Image(BlockDevice):
         off = entry & C.L1E_OFFSET_MASK
         if off and off & (self.cluster_size - 1):
             raise CorruptImageError(
-                f"L2 table offset {off:#x} unaligned (L1 index: {l1_index:#x})", offset=off)
+                f"L2 table offset {c_hex(off)} unaligned (L1 index: {c_hex(l1_index)})", offset=off)
         return off
 
     def _bad_entry(self, msg: str, l2_off: int, idx: int) -> CorruptImageError:
-        return CorruptImageError(f"{msg} (L2 offset: {l2_off:#x}, L2 index: {idx:#x})",
+        return CorruptImageError(f"{msg} (L2 offset: {c_hex(l2_off)}, L2 index: {c_hex(idx)})",
                                  offset=l2_off)
 
     def _map_runs(self, start: int, length: int) -> Iterator[tuple[int, int, int, int | None]]:
@@ -340,12 +341,12 @@ class Qcow2Image(BlockDevice):
                     yield pos, n, _ZERO_PLAIN, None
             elif off or (has_df and e & C.QCOW_OFLAG_COPIED):
                 if off & (cs - 1):
-                    raise self._bad_entry(f"Cluster allocation offset {off:#x} unaligned",
+                    raise self._bad_entry(f"Cluster allocation offset {c_hex(off)} unaligned",
                                           l2_off, idx)
                 if has_df and off != cl << cbits:
                     raise self._bad_entry(
-                        f"External data file host cluster offset {off:#x} does not match "
-                        f"guest cluster offset: {cl << cbits:#x}", l2_off, idx)
+                        f"External data file host cluster offset {c_hex(off)} does not match "
+                        f"guest cluster offset: {c_hex(cl << cbits)}", l2_off, idx)
                 yield pos, n, _NORMAL, off + (pos & (cs - 1))
             else:
                 yield pos, n, _UNALLOC_PLAIN, None
@@ -373,12 +374,12 @@ class Qcow2Image(BlockDevice):
                 continue
             allocated = bool(off) or bool(has_df and e & C.QCOW_OFLAG_COPIED)
             if allocated and off & (cs - 1):
-                raise self._bad_entry(f"Cluster allocation offset {off:#x} unaligned",
+                raise self._bad_entry(f"Cluster allocation offset {c_hex(off)} unaligned",
                                       l2_off, idx)
             if allocated and has_df and off != cl << cbits:
                 raise self._bad_entry(
-                    f"External data file host cluster offset {off:#x} does not match "
-                    f"guest cluster offset: {cl << cbits:#x}", l2_off, idx)
+                    f"External data file host cluster offset {c_hex(off)} does not match "
+                    f"guest cluster offset: {c_hex(cl << cbits)}", l2_off, idx)
             alloc_bits = bitmap & 0xFFFFFFFF
             zero_bits = bitmap >> 32
             if alloc_bits & zero_bits or (not allocated and alloc_bits):
@@ -487,7 +488,7 @@ class Qcow2Image(BlockDevice):
                 out = b""
         if len(out) != cs:
             raise CorruptImageError(
-                f"Could not decompress the compressed cluster at host offset {coffset:#x}",
+                f"Could not decompress the compressed cluster at host offset {c_hex(coffset)}",
                 offset=coffset, fatal=False)
         self._zlib_cache_key = entry
         self._zlib_cache_val = out

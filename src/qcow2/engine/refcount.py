@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from sys import byteorder
 
-from ..errors import CorruptImageError, ImageLimitError
+from ..errors import CorruptImageError, ImageLimitError, c_hex
 from ..format import constants as C
 from ..format.refcount import get_refcount, refcount_metadata_size, set_refcount
 from ..io import ByteStore
@@ -53,8 +53,8 @@ class Refcounts:
         for i, e in enumerate(self.table):
             if e & C.REFT_RESERVED_MASK or (e & (self.cluster_size - 1)):
                 raise CorruptImageError(
-                    f"Refblock offset {e & C.REFT_OFFSET_MASK:#x} unaligned "
-                    f"(reftable index: {i:#x})", offset=e)
+                    f"Refblock offset {c_hex(e & C.REFT_OFFSET_MASK)} unaligned "
+                    f"(reftable index: {c_hex(i)})", offset=e)
         self._blocks: OrderedDict[int, bytearray] = OrderedDict()
         self._dirty: set[int] = set()
         self._capacity = max(4, cache_blocks)
@@ -214,17 +214,17 @@ class Refcounts:
         for ci in range(start, start + n):
             off = self._block_offset(ci >> self.block_bits)
             if not off:
-                raise CorruptImageError(f"No refcount block for cluster {ci:#x}")
+                raise CorruptImageError(f"No refcount block for cluster {c_hex(ci)}")
             blk = self._load(off)
             idx = ci & (self.per_block - 1)
             cur = get_refcount(blk, idx, self.refcount_order)
             new = cur + addend
             if new < 0:
                 raise CorruptImageError(
-                    f"Refcount of cluster {ci:#x} would drop below zero", offset=ci)
+                    f"Refcount of cluster {c_hex(ci)} would drop below zero", offset=ci)
             if new > self.refcount_max:
                 raise RefcountOverflowError(
-                    f"Refcount of cluster {ci:#x} would exceed {self.refcount_max}")
+                    f"Refcount of cluster {c_hex(ci)} would exceed {self.refcount_max}")
             set_refcount(blk, idx, self.refcount_order, new)
             self._dirty.add(off)
             if new == 0 and ci < self.free_cluster_index:

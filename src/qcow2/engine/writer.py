@@ -23,6 +23,7 @@ from ..errors import (
     MetadataOverlapError,
     OutOfRangeError,
     UnsupportedFeatureError,
+    c_hex,
 )
 from ..format import constants as C
 from ..format.header import encode_header_cluster, l1_entries_for
@@ -166,7 +167,7 @@ class WritableQcow2Image(Qcow2Image):
         old = entry & C.L1E_OFFSET_MASK
         if old and old & (self.cluster_size - 1):
             raise CorruptImageError(
-                f"L2 table offset {old:#x} unaligned (L1 index: {l1_index:#x})", offset=old)
+                f"L2 table offset {c_hex(old)} unaligned (L1 index: {c_hex(l1_index)})", offset=old)
         if old and entry & C.QCOW_OFLAG_COPIED:
             return old, self.l2_cache.get(old)
         new = self.refcounts.alloc_clusters(1)
@@ -223,7 +224,7 @@ class WritableQcow2Image(Qcow2Image):
         for ci in range((host >> cb), ((host + length - 1) >> cb) + 1):
             if ci in meta:
                 raise MetadataOverlapError(
-                    f"Preventing invalid write on metadata (overlaps with cluster {ci:#x})",
+                    f"Preventing invalid write on metadata (overlaps with cluster {c_hex(ci)})",
                     offset=ci << cb)
 
     # ------------------------------------------------------------------ write
@@ -316,7 +317,7 @@ class WritableQcow2Image(Qcow2Image):
         if not off and not self.has_data_file:
             return False
         if off & (self.cluster_size - 1):
-            raise CorruptImageError(f"Cluster allocation offset {off:#x} unaligned", offset=off)
+            raise CorruptImageError(f"Cluster allocation offset {c_hex(off)} unaligned", offset=off)
         if not self.extended_l2:
             # ZERO_ALLOC with COPIED: in place only if the whole cluster is overwritten.
             return not (e & C.QCOW_OFLAG_ZERO) or n == self.cluster_size
