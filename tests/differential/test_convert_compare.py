@@ -183,6 +183,7 @@ def _small(tmp: Path) -> Path:
     qemu_img("create", "-f", "qcow2", img, "4M")
     qemu_io(img, "write -P 7 0 1M", "write -P 8 2M 512k")
     qemu_img("snapshot", "-c", "s1", img)
+    qemu_img("snapshot", "-c", "a", img)
     return img
 
 
@@ -200,6 +201,7 @@ def _small(tmp: Path) -> Path:
     ["-l", "nope", "a.qcow2", "o.raw"],
     ["-l", "snapshot.id=1,snapshot.name=s2", "a.qcow2", "o.raw"],
     ["-l", "snapshot.foo=1", "a.qcow2", "o.raw"],
+    ["-l", "snapshot.id=a,snapshot.name=a", "a.qcow2", "o.raw"],
     ["-l", "s1", "a.qcow2", "a.qcow2", "o.raw"],
     ["-l", "s1", "r.raw", "o.raw"],
     ["-T", "bogus", "a.qcow2", "o.raw"],

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .common import cvtnum, fail, open_failure
-from .main import PROG, UsageError
+from .main import PROG, UsageError, error_line
 
 if TYPE_CHECKING:
     from ..engine.device import BlockDevice
@@ -144,11 +145,7 @@ def parse_snapshot_param(text: str) -> tuple[str | None, str | None]:
             key = part[2:] if part.startswith("no") else part
             value = "off" if part.startswith("no") else "on"
             if key in ("snapshot.id", "snapshot.name"):
-                from .main import error_line
-
                 error_line(f"warning: short-form boolean option '{key}' deprecated")
-                import sys
-
                 sys.stderr.write(f"Please use {key}={value} instead\n")
         if key == "snapshot.id":
             sid = value
@@ -171,15 +168,19 @@ class SnapshotFailed(Exception):
     pass
 
 
-def load_snapshot(dev: BlockDevice, sid: str | None, name: str | None) -> None:
-    """bdrv_snapshot_load_tmp(): by id and/or name, or by ID_OR_NAME (`sid is name`)."""
+Snapshot = tuple[str | None, str | None, bool]   # id, name, "ID_OR_NAME" (a bare -l value)
+
+
+def load_snapshot(dev: BlockDevice, snap: Snapshot) -> None:
+    """bdrv_snapshot_load_tmp(): by id and/or name, or by ID_OR_NAME (the id first)."""
     from ..engine.image import Qcow2Image
     from ..errors import Qcow2Error
 
     if not isinstance(dev, Qcow2Image):
         raise SnapshotFailed(f"Block format '{dev.format_name}' used by device '' does not "
                              "support temporarily loading internal snapshots")
-    if sid is not None and sid is name:  # ID_OR_NAME: the id first, then the name
+    sid, name, either = snap
+    if either:
         cands = [s for s in dev.snapshots if s.id_str == sid] or \
                 [s for s in dev.snapshots if s.name == sid]
     else:
@@ -200,11 +201,11 @@ def run(args: argparse.Namespace) -> int:
             return fail(f"convert option {flag} is not supported yet")
     min_sparse = parse_sparse(args.sparse)
     workers_cap = parse_coroutines(args.coroutines) if args.coroutines is not None else None
-    sn_opts: tuple[str | None, str | None] | None = None
+    sn_opts: Snapshot | None = None
     snapshot_name: str | None = None
     if args.snapshot is not None:
         if args.snapshot.startswith(SNAPSHOT_OPT_BASE):
-            sn_opts = parse_snapshot_param(args.snapshot)
+            sn_opts = (*parse_snapshot_param(args.snapshot), False)
         else:
             snapshot_name = args.snapshot
     if len(args.files) < 2:
@@ -227,8 +228,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace, min_sparse: int, workers_cap: int | None,
-             sn_opts: tuple[str | None, str | None] | None, snapshot_name: str | None,
-             progress: Progress) -> bool:
+             sn_opts: Snapshot | None, snapshot_name: str | None, progress: Progress) -> bool:
     from ..engine.open import open_image
     from ..errors import Qcow2Error
     from ..ops.convert import ConvertError, ConvertOptions, RawTarget, Source, convert
@@ -246,17 +246,17 @@ def _convert(args: argparse.Namespace, min_sparse: int, workers_cap: int | None,
                 return False
             sources.append(Source(dev, None, name))
 
-        snap: tuple[str | None, str | None] | None = None
+        snap: Snapshot | None = None
         if sn_opts is not None:
             snap = sn_opts
         elif snapshot_name is not None:
             if len(sources) > 1:
                 fail("No support for concatenating multiple snapshot")
                 return False
-            snap = (snapshot_name, snapshot_name)
+            snap = (snapshot_name, snapshot_name, True)
         if snap is not None:
             try:
-                load_snapshot(sources[0].device, *snap)
+                load_snapshot(sources[0].device, snap)
             except SnapshotFailed as e:
                 fail(f"Failed to load snapshot: {e}")
                 return False
@@ -299,8 +299,6 @@ def _convert(args: argparse.Namespace, min_sparse: int, workers_cap: int | None,
             try:
                 convert(sources, target, opts)
             except ConvertError as e:
-                import sys
-
                 for line in e.notes:
                     sys.stderr.write(line + "\n")
                 fail(str(e))
@@ -335,15 +333,14 @@ def _is_source_file(path: str, sources: list[Source]) -> bool:
     return False
 
 
-def _reopener(name: str, fmt: str | None, snap: tuple[str | None, str | None] | None
-              ) -> Callable[[], BlockDevice]:
+def _reopener(name: str, fmt: str | None, snap: Snapshot | None) -> Callable[[], BlockDevice]:
     def reopen() -> BlockDevice:
         from ..engine.open import open_image
 
         dev = open_image(name, fmt, True, backing_policy="follow")
         if snap is not None:
             try:
-                load_snapshot(dev, *snap)
+                load_snapshot(dev, snap)
             except BaseException:
                 dev.close()
                 raise
