@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "create": ("qcow2.cli.create", "create a new disk image"),
     "io": ("qcow2.cli.io", "run qemu-io style commands on an image"),
     "resize": ("qcow2.cli.resize", "grow or shrink an image"),
+    "dd": ("qcow2.cli.dd", "copy an image block by block, converting its format"),
 }
 
 
