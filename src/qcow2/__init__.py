@@ -62,8 +62,8 @@ def open(path: str, fmt: str | None = None, readonly: bool = True, *,
     callable (path, kind, referrer) -> bool. open_backing=False ignores the backing file
     (unallocated ranges read as zeros), like qemu-img info. snapshot: read an internal
     snapshot's content instead of the active layer (ID first, then name).
-    readonly=False opens a qcow2 image for writing (write, write_zeroes, discard, flush);
-    close() flushes in crash-safe order.
+    readonly=False opens a qcow2 or qcow (v1) image for writing (write, write_zeroes,
+    discard, flush); close() flushes in crash-safe order.
     """
     from .engine.open import open_image
 
