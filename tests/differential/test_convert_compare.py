@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -363,3 +363,38 @@ def test_compare_after_convert_many_sizes(tmp_path: Path,
     mine = assert_same_convert(capsys, tmp_path, [], [src])
     for argv in ([src, mine], ["-s", src, mine]):
         assert ours(capsys, "compare", *argv) == theirs("compare", *argv)
+
+
+# ----------------------------------------------------------------------------- damaged images
+def _poke_l2_entry(path: Path, index: int, fn: Callable[[int], int]) -> int:
+    """Rewrite entry `index` of the first L2 table; returns the old entry."""
+    with open(path, "r+b") as f:
+        header = f.read(48)
+        l1_offset = int.from_bytes(header[40:48], "big")
+        f.seek(l1_offset)
+        l2 = int.from_bytes(f.read(8), "big") & 0x00FFFFFFFFFFFE00
+        f.seek(l2 + 8 * index)
+        old = int.from_bytes(f.read(8), "big")
+        f.seek(l2 + 8 * index)
+        f.write(fn(old).to_bytes(8, "big"))
+    return old
+
+
+def test_damaged_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    unaligned = tmp_path / "unaligned.qcow2"
+    qemu_img("create", "-f", "qcow2", unaligned, "4M")
+    qemu_io(unaligned, "write -P 1 0 64k", "write -P 2 128k 64k")
+    _poke_l2_entry(unaligned, 2, lambda e: e + 512)
+    garbled = tmp_path / "garbled.qcow2"
+    qemu_img("create", "-f", "qcow2", garbled, "4M")
+    qemu_io(garbled, "write -P 1 0 64k", "write -c -P 7 64k 64k")
+    entry = _poke_l2_entry(garbled, 1, lambda e: e)
+    with open(garbled, "r+b") as f:
+        f.seek(entry & ((1 << 54) - 1))
+        f.write(b"\xff" * 64)
+    for img in ("unaligned.qcow2", "garbled.qcow2"):
+        for argv in (["convert", img, "o.raw"], ["compare", img, img],
+                     ["compare", "-s", img, img]):
+            assert ours(capsys, *argv) == theirs(*argv, cwd=tmp_path), argv

@@ -166,9 +166,39 @@ def plan_runs(sources: Sequence[Source]) -> list[Run]:
                 _add_run(runs, i, pos, base, end - pos, data, host)
                 pos = end
         except (Qcow2Error, OSError) as exc:
-            raise _with_cause(_status_error(pos, exc), exc) from None
+            at = _failing_offset(src.device, pos, length, align)
+            raise _with_cause(_status_error(at, exc), exc) from None
         base += length
     return runs
+
+
+def _failing_offset(dev: BlockDevice, start: int, end: int, align: int) -> int:
+    """Where qemu-img's block-status query fails: the start of the first bad cluster.
+
+    The extent walk looks ahead to merge runs, so it fails before yielding the runs in front
+    of the bad cluster; find the shortest failing range from `start` by bisection instead.
+    """
+    def fails(stop: int) -> bool:
+        if stop <= start:
+            return False
+        try:
+            for _ in dev.extents(start, stop - start):
+                pass
+        except (Qcow2Error, OSError):
+            return True
+        return False
+
+    lo = start // align     # clusters [start, lo * align) are known good
+    hi = -(-end // align)
+    if not fails(min(end, hi * align)):
+        return start
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fails(min(end, mid * align)):
+            hi = mid
+        else:
+            lo = mid
+    return max(start, lo * align)
 
 
 def _add_run(runs: list[Run], src: int, start: int, base: int, length: int, data: bool,
