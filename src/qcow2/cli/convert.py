@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .common import cvtnum, fail, open_failure
 from .main import PROG, UsageError, error_line
@@ -24,7 +24,7 @@ _NO_CREATE = ("bochs", "cloop", "dmg", "vvfat", "blkdebug", "blklogwrites", "blk
               "preallocate", "quorum", "replication", "snapshot-access", "throttle")
 _UNSUPPORTED_FLAGS = (
     ("compress", "-c"), ("copy_range", "-C"), ("no_create", "-n"), ("backing", "-B"),
-    ("backing_fmt", "-F"), ("options", "-o"), ("rate", "-r"), ("objects", "--object"),
+    ("backing_fmt", "-F"), ("rate", "-r"), ("objects", "--object"),
     ("image_opts", "--image-opts"), ("target_image_opts", "--target-image-opts"),
     ("target_is_zero", "--target-is-zero"), ("bitmaps", "--bitmaps"),
     ("skip_broken", "--skip-broken-bitmaps"), ("salvage", "--salvage"),
@@ -264,7 +264,21 @@ def _convert(args: argparse.Namespace, min_sparse: int, workers_cap: int | None,
             src.reopen = _reopener(src.name, fmt, snap if i == 0 else None)
 
         out_fmt: str = args.out_fmt
-        if out_fmt not in ("raw", "file"):
+        image_out = out_fmt in ("qcow2", "qcow")
+        create_opts: dict[str, str] = {}
+        if args.options:
+            if not image_out:
+                fail(f"convert -o with -O {out_fmt} is not supported yet")
+                return False
+            from ..ops.create import CreateError, parse_create_options
+
+            try:
+                # qemu-img joins repeated -o options with commas.
+                create_opts = parse_create_options(out_fmt, ",".join(args.options))
+            except CreateError as e:
+                fail(e.message)
+                return False
+        if out_fmt not in ("raw", "file") and not image_out:
             if out_fmt in _CREATABLE_LATER:
                 fail(f"convert -O {out_fmt} is not supported yet (only raw output)")
             elif out_fmt in _NO_CREATE:
@@ -279,8 +293,23 @@ def _convert(args: argparse.Namespace, min_sparse: int, workers_cap: int | None,
             fail(f"{out_name}: error while converting raw: Failed to get \"write\" lock\n"
                  f"Is another process using the image [{out_name}]?")
             return False
+        target: Any
         try:
-            target = RawTarget(out_name, total, cache=args.cache)
+            if image_out:
+                from ..ops.convert_target import ImageTarget
+                from ..ops.create import CreateError
+
+                try:
+                    target = ImageTarget(out_name, out_fmt, total, create_opts)
+                except CreateError as e:
+                    fail(f"{out_name}: error while converting {out_fmt}: {e.message}"
+                         if e.prefixed else e.message)
+                    return False
+                except (Qcow2Error, OSError) as e:
+                    fail(open_failure(out_name, e))
+                    return False
+            else:
+                target = RawTarget(out_name, total, cache=args.cache)
         except ConvertError as e:
             fail(str(e))
             return False
