@@ -189,6 +189,8 @@ def _small(tmp: Path) -> Path:
 
 @pytest.mark.parametrize("argv", [
     ["nonexist.qcow2", "o.raw"],
+    ["-p", "nonexist.qcow2", "o.raw"],
+    ["-p", "-t", "bogus", "a.qcow2", "o.raw"],
     ["-f", "foo", "a.qcow2", "o.raw"],
     ["-f", "qcow2", "r.raw", "o.raw"],
     ["-O", "foo", "a.qcow2", "o.raw"],
