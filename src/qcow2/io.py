@@ -40,6 +40,8 @@ class FileStore:
         self.fd: int = os.open(path, flags, 0o644)
         self.name = path
         self.writable = writable
+        # False for QEMU's cache=unsafe (convert's default target mode): flushes are no-ops.
+        self.fsync_enabled = True
         self._closed = False
 
     def size(self) -> int:
@@ -73,7 +75,8 @@ class FileStore:
         os.ftruncate(self.fd, size)
 
     def flush(self) -> None:
-        os.fsync(self.fd)
+        if self.fsync_enabled:
+            os.fsync(self.fd)
 
     def allocated_size(self) -> int:
         return os.fstat(self.fd).st_blocks * 512

@@ -300,7 +300,7 @@ def _convert(args: argparse.Namespace, min_sparse: int, workers_cap: int | None,
                 from ..ops.create import CreateError
 
                 try:
-                    target = ImageTarget(out_name, out_fmt, total, create_opts)
+                    target = ImageTarget(out_name, out_fmt, total, create_opts, args.cache)
                 except CreateError as e:
                     fail(f"{out_name}: error while converting {out_fmt}: {e.message}"
                          if e.prefixed else e.message)

@@ -22,6 +22,7 @@ from ..format.refcount import get_refcount, refcount_metadata_size, set_refcount
 from ..io import ByteStore
 
 DEFAULT_CACHE_BLOCKS = 64
+_ARRAY_CODE = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
 class RefcountOverflowError(ImageLimitError):
@@ -211,24 +212,65 @@ class Refcounts:
 
     # ------------------------------------------------------------------ updates
     def _update_range(self, start: int, n: int, addend: int) -> None:
-        for ci in range(start, start + n):
-            off = self._block_offset(ci >> self.block_bits)
+        """Add `addend` to the refcounts of clusters [start, start+n), one block at a time.
+
+        Byte-wide and wider entries are updated as a whole slice (decode, add, check, encode):
+        allocating a long run costs a few array operations, not a Python step per cluster.
+        """
+        order = self.refcount_order
+        end = start + n
+        ci = start
+        while ci < end:
+            rt = ci >> self.block_bits
+            off = self._block_offset(rt)
             if not off:
                 raise CorruptImageError(f"No refcount block for cluster {c_hex(ci)}")
             blk = self._load(off)
-            idx = ci & (self.per_block - 1)
-            cur = get_refcount(blk, idx, self.refcount_order)
-            new = cur + addend
-            if new < 0:
-                raise CorruptImageError(
-                    f"Refcount of cluster {c_hex(ci)} would drop below zero", offset=ci)
-            if new > self.refcount_max:
-                raise RefcountOverflowError(
-                    f"Refcount of cluster {c_hex(ci)} would exceed {self.refcount_max}")
-            set_refcount(blk, idx, self.refcount_order, new)
+            first = ci & (self.per_block - 1)
+            count = min(end - ci, self.per_block - first)
+            if order >= 3:
+                width = 1 << (order - 3)
+                vals = array(_ARRAY_CODE[width])
+                vals.frombytes(bytes(blk[first * width:(first + count) * width]))
+                if width > 1 and byteorder == "little":
+                    vals.byteswap()
+                lo, hi = min(vals), max(vals)
+                if lo + addend < 0:
+                    bad = ci + vals.index(lo)
+                    raise CorruptImageError(
+                        f"Refcount of cluster {c_hex(bad)} would drop below zero", offset=bad)
+                if hi + addend > self.refcount_max:
+                    bad = ci + vals.index(hi)
+                    raise RefcountOverflowError(
+                        f"Refcount of cluster {c_hex(bad)} would exceed {self.refcount_max}")
+                if addend == 1 and hi == 0:  # fresh allocation: the common case
+                    new_vals = array(vals.typecode, [1]) * count
+                else:
+                    new_vals = array(vals.typecode, [v + addend for v in vals])
+                zero_at = new_vals.index(0) if addend < 0 and 0 in new_vals else -1
+                if width > 1 and byteorder == "little":
+                    new_vals.byteswap()
+                blk[first * width:(first + count) * width] = new_vals.tobytes()
+                if zero_at >= 0 and ci + zero_at < self.free_cluster_index:
+                    self.free_cluster_index = ci + zero_at
+            else:
+                for k in range(count):
+                    idx = first + k
+                    cur = get_refcount(blk, idx, order)
+                    new = cur + addend
+                    if new < 0:
+                        raise CorruptImageError(
+                            f"Refcount of cluster {c_hex(ci + k)} would drop below zero",
+                            offset=ci + k)
+                    if new > self.refcount_max:
+                        raise RefcountOverflowError(
+                            f"Refcount of cluster {c_hex(ci + k)} would exceed "
+                            f"{self.refcount_max}")
+                    set_refcount(blk, idx, order, new)
+                    if new == 0 and ci + k < self.free_cluster_index:
+                        self.free_cluster_index = ci + k
             self._dirty.add(off)
-            if new == 0 and ci < self.free_cluster_index:
-                self.free_cluster_index = ci
+            ci += count
 
     def increase(self, host_offset: int, length: int, addend: int = 1) -> None:
         """Raise refcounts of the clusters spanned by [host_offset, +length)."""

@@ -371,17 +371,20 @@ class WritableQcow2Image(Qcow2Image):
             self._ensure_data_file_covers(base + ncl * cs)
         else:
             host = self.refcounts.alloc_clusters(ncl)
-        buf = bytearray(ncl * cs)
-        bview = memoryview(buf)
         head = offset - base
         tail_start = offset + len(view)
         tail_end = min((last_cl + 1) << cb, self.virtual_size)
+        # COW only the partial head and tail; the guest data is written from the caller's
+        # buffer without a copy (one pwrite per piece, all before the L2 update).
         if head:
-            self._read_layer(base, bview[:head])
+            hbuf = bytearray(head)
+            self._read_layer(base, memoryview(hbuf))
+            self._write_data(host, memoryview(hbuf))
+        self._write_data(host + head, view)
         if tail_start < tail_end:
-            self._read_layer(tail_start, bview[tail_start - base:tail_end - base])
-        bview[head:head + len(view)] = view
-        self._write_data(host, bview)
+            tbuf = bytearray(tail_end - tail_start)
+            self._read_layer(tail_start, memoryview(tbuf))
+            self._write_data(host + (tail_start - base), memoryview(tbuf))
         for i in range(ncl):
             idx = (first_cl + i) & mask
             old = table[idx]
@@ -676,6 +679,11 @@ class WritableQcow2Image(Qcow2Image):
         self._zlib_cache_key = None
         cs = self.cluster_size
         if new_size < old:
+            # Deliberately unlike QEMU 7.2: the rest of a partial last cluster is zeroed, so
+            # growing the image again cannot bring "deleted" data back.
+            tail_end = min(old, -(-new_size // cs) * cs)
+            if tail_end > new_size:
+                self._write_zeroes_impl(new_size, tail_end - new_size, False)
             self._discard_clusters(-(-new_size // cs) * cs, old, full=True)
             self.flush()
             self._shrink_l1(new_l1)

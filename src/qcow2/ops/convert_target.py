@@ -12,7 +12,8 @@ from ..engine.device import BlockDevice
 class ImageTarget:
     """A new qcow2 or qcow image as a convert target (zero-initialised)."""
 
-    def __init__(self, path: str, fmt: str, size: int, options: Mapping[str, str]) -> None:
+    def __init__(self, path: str, fmt: str, size: int, options: Mapping[str, str],
+                 cache: str = "unsafe") -> None:
         from ..engine.open import open_image
         from .create import img_create
 
@@ -20,6 +21,12 @@ class ImageTarget:
         self.path = path
         self.img: BlockDevice = open_image(path, fmt, False, backing_policy="follow")
         self.has_zero_init = True
+        if cache == "unsafe":
+            # qemu-img convert's default target cache mode never flushes.
+            for store in {id(s): s for s in (getattr(self.img, "store", None),
+                                             getattr(self.img, "data_store", None))}.values():
+                if store is not None and hasattr(store, "fsync_enabled"):
+                    store.fsync_enabled = False
 
     def write(self, offset: int, data: memoryview) -> None:
         self.img.write(offset, data)  # type: ignore[arg-type]
