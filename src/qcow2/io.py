@@ -3,6 +3,8 @@ and an in-memory store for tests share one small interface."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
 from typing import Protocol
@@ -24,9 +26,27 @@ class ByteStore(Protocol):
     def truncate(self, size: int) -> None: ...
     def flush(self) -> None: ...
     def allocated_size(self) -> int: ...
+    def punch_hole(self, offset: int, length: int) -> None: ...
     def next_data(self, offset: int) -> int: ...
     def next_hole(self, offset: int) -> int: ...
     def close(self) -> None: ...
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc: ctypes.CDLL | None = None
+
+
+def _punch(fd: int, offset: int, length: int) -> bool:
+    """fallocate(PUNCH_HOLE | KEEP_SIZE); False where the OS or file system cannot."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    fn = getattr(_libc, "fallocate", None)
+    if fn is None:
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return int(fn(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)) == 0
 
 
 class FileStore:
@@ -80,6 +100,10 @@ class FileStore:
 
     def allocated_size(self) -> int:
         return os.fstat(self.fd).st_blocks * 512
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Give the space back to the file system; the range then reads as zeros."""
+        _punch(self.fd, offset, length)  # best effort: the clusters are free either way
 
     def next_data(self, offset: int) -> int:
         """First data offset at or after `offset`; the file size if none (or unsupported: offset)."""
@@ -144,6 +168,11 @@ class MemoryStore:
 
     def allocated_size(self) -> int:
         return len(self.buf)
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        end = min(len(self.buf), offset + length)
+        if offset < end:
+            self.buf[offset:end] = bytes(end - offset)
 
     def next_data(self, offset: int) -> int:
         return offset if offset < len(self.buf) else len(self.buf)

@@ -36,6 +36,10 @@ class RecordingStore(MemoryStore):
         self.log.append(("t", size))
         super().truncate(size)
 
+    def punch_hole(self, offset: int, length: int) -> None:
+        # A punched range reads as zeros: replay it as a zero write.
+        self.pwrite(offset, bytes(min(length, max(0, len(self.buf) - offset))))
+
     def flush(self) -> None:
         self.log.append(("f",))
 

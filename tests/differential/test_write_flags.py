@@ -85,3 +85,20 @@ def test_writable_open_drops_bitmaps_without_leaks(tmp_path: Path) -> None:
     with qcow2.open(str(p)) as ro:
         assert ro.read(0, 8192) == b"\x02" * 4096 + b"\x01" * 4096
         assert ro.read(2 << 20, 4096) == b"\x01" * 4096
+
+
+def test_discard_punches_holes_for_freed_clusters(tmp_path: Path) -> None:
+    p = tmp_path / "d.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", p, "64M")
+    with qcow2.open(str(p), readonly=False) as img:
+        img.write(0, b"\x11" * (16 << 20))
+    before = p.stat().st_blocks
+    with qcow2.open(str(p), readonly=False) as img:
+        img.discard(1 << 20, 12 << 20)
+    after = p.stat().st_blocks
+    assert after * 512 <= before * 512 - (11 << 20)
+    assert qemu_img("check", p, check=False).returncode == 0
+    with qcow2.open(str(p)) as ro:
+        assert ro.read(0, 1 << 20) == b"\x11" * (1 << 20)
+        assert ro.read(1 << 20, 12 << 20) == bytes(12 << 20)
+        assert ro.read(13 << 20, 3 << 20) == b"\x11" * (3 << 20)

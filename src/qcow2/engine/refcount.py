@@ -284,12 +284,22 @@ class Refcounts:
         """Drop one reference from the clusters spanned, once the L2 update is durable."""
         self._pending_decreases.append((host_offset, length))
 
-    def apply_decreases(self) -> None:
+    def apply_decreases(self) -> list[tuple[int, int]]:
+        """Apply the queued decreases; returns the host ranges that became free."""
         pending, self._pending_decreases = self._pending_decreases, []
+        freed: list[tuple[int, int]] = []
+        cs = self.cluster_size
         for off, length in pending:
             first = off >> self.cluster_bits
             last = (off + length - 1) >> self.cluster_bits
             self._update_range(first, last - first + 1, -1)
+            for ci in range(first, last + 1):
+                if not self.get(ci):
+                    if freed and freed[-1][0] + freed[-1][1] == ci * cs:
+                        freed[-1] = (freed[-1][0], freed[-1][1] + cs)
+                    else:
+                        freed.append((ci * cs, cs))
+        return freed
 
     def flush_blocks(self) -> None:
         """Write every dirty refblock, then make them durable."""

@@ -786,8 +786,12 @@ class WritableQcow2Image(Qcow2Image):
             self._dirty_l1.clear()
             self.store.flush()
         if self.refcounts.has_pending_decreases:
-            self.refcounts.apply_decreases()
+            freed = self.refcounts.apply_decreases()
             self.refcounts.flush_blocks()
+            # Only now, with the drop durable, can the space go back to the file system.
+            for off, length in freed:
+                if off + length <= self.store.size():
+                    self.store.punch_hole(off, length)
 
     def close(self) -> None:
         if not self._closed:
