@@ -170,7 +170,7 @@ def test_progress_float_rounding() -> None:
 @pytest.mark.parametrize("argv,message", [
     (["nonexist", "o.raw"],
      "Could not open 'nonexist': Could not open 'nonexist': No such file or directory"),
-    (["-O", "qcow2", "r.raw", "o.raw"], "convert -O qcow2 is not supported yet (only raw output)"),
+    (["-O", "vmdk", "r.raw", "o.raw"], "convert -O vmdk is not supported yet (raw, qcow2 and qcow only)"),
     (["-O", "foo", "r.raw", "o.raw"], "Unknown file format 'foo'"),
     (["-S", "100", "r.raw", "o.raw"],
      "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to "

@@ -280,7 +280,7 @@ def _convert(args: argparse.Namespace, min_sparse: int, workers_cap: int | None,
                 return False
         if out_fmt not in ("raw", "file") and not image_out:
             if out_fmt in _CREATABLE_LATER:
-                fail(f"convert -O {out_fmt} is not supported yet (only raw output)")
+                fail(f"convert -O {out_fmt} is not supported yet (raw, qcow2 and qcow only)")
             elif out_fmt in _NO_CREATE:
                 fail(f"Format driver '{out_fmt}' does not support image creation")
             else:
