@@ -141,3 +141,15 @@ def test_crash_after_any_prefix_leaves_old_or_new_clusters(seed: int) -> None:
         got = crashed.read(0, size)
         for c in range(size // cs):
             assert got[c * cs:(c + 1) * cs] in versions[c], (k, c)
+
+
+def test_long_zero_write_over_backing() -> None:
+    """Zero writes allocate like QEMU's fallback; partial clusters keep the backing data."""
+    size = 3 << 20
+    backing = random.Random(9).randbytes(size)
+    img = WritableQcowImage(MemoryStore(new_image(size)), "x")
+    img.backing = RawImage(MemoryStore(backing, writable=False), "b")
+    img.write_zeroes(100, size - 300)
+    assert img.read(0, size) == backing[:100] + bytes(size - 300) + backing[-200:]
+    # Every cluster is allocated (2 L2 tables + 768 data clusters after the 4 KiB header area).
+    assert img.store.size() == 4096 + 2 * 4096 + 768 * 4096

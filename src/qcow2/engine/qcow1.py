@@ -289,12 +289,12 @@ class WritableQcowImage(QcowImage):
     data is written and synced before the L2 entries that point at it. (QEMU itself links
     first and writes afterwards; the bytes of the finished file are the same.)
 
-    Guest-visible differences from QEMU, all deliberate:
-    - a partial write into a new cluster copies the rest of the cluster from the backing file.
-      QEMU does not (it leaves zeros), which loses backing data whenever clusters are larger
-      than the 512 bytes qemu-img gives every qcow image with a backing file; with those
-      512-byte clusters, writes of whole sectors never need the copy and sub-sector writes are
-      completed from the backing file by QEMU's block layer too, so files stay identical.
+    One deliberate difference from QEMU: a partial write into a new cluster copies the rest
+    of the cluster from the backing file. QEMU does not (it leaves zeros), which loses backing
+    data whenever clusters are larger than the 512 bytes qemu-img gives every qcow image with a
+    backing file; with those 512-byte clusters, writes of whole sectors never need the copy and
+    QEMU's block layer completes sub-sector writes from the backing file too, so the files
+    stay identical.
     """
 
     _supports_write = True
@@ -326,7 +326,9 @@ class WritableQcowImage(QcowImage):
         end = offset + length
         zeros = memoryview(ZERO_CHUNK)
         while pos < end:
-            n = min(end - pos, len(zeros))
+            # Chunks end on cluster boundaries (ZERO_CHUNK is a multiple of any cluster size),
+            # so no cluster is allocated by one chunk and then patched by the next.
+            n = min(end - pos, len(zeros) - (pos & (self.cluster_size - 1)))
             self._write(pos, zeros[:n], True)
             pos += n
 
@@ -349,7 +351,8 @@ class WritableQcowImage(QcowImage):
 
     # ------------------------------------------------------------------ write path
     def _write(self, offset: int, view: memoryview, zeroes: bool) -> None:
-        # The last inflated cluster may be rewritten as a normal one: drop it, as QEMU does.
+        # A crafted image may map a plain cluster onto bytes it also uses as compressed data:
+        # drop the inflated copy on every write, as QEMU does.
         self._zlib_cache_key = None
         shift = self.cluster_bits + self.l2_bits
         end = offset + len(view)
