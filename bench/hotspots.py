@@ -64,22 +64,30 @@ def w_read(path: Path, chunk: int = 4 << 20) -> Callable[[], object]:
     return run
 
 
-def w_cli(argv: list[str], output: Path | None = None) -> Callable[[], object]:
+def w_cli(argv: list[str]) -> Callable[[], object]:
     def run() -> object:
         from qcow2.cli.main import main
 
-        if output is not None and output.exists():
-            output.unlink()  # as bench/run.py: freeing the old file's pages is not timed
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             return main(argv)
     return run
 
 
-def profile(name: str, fn: Callable[[], object], top: int = 25) -> dict[str, object]:
+def remover(path: Path) -> Callable[[], None]:
+    """Setup step: delete the previous output (freeing its pages is not what we measure)."""
+    return lambda: path.unlink(missing_ok=True)
+
+
+def profile(name: str, fn: Callable[[], object], setup: Callable[[], None] | None = None,
+            top: int = 25) -> dict[str, object]:
+    setup = setup or (lambda: None)
+    setup()
     fn()  # warm: page cache, imports
+    setup()
     t0 = time.perf_counter()
     fn()
     plain = time.perf_counter() - t0
+    setup()
     pr = cProfile.Profile()
     t0 = time.perf_counter()
     pr.enable()
@@ -129,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     params = corpus_mod.params_from("quick" if a.quick else "full", a.vsize, a.files, a.huge)
     c = corpus_mod.ensure(params)
-    work: list[tuple[str, Callable[[], object]]] = [
-        ("extents-huge", w_extents(c.huge, corpus_mod.parse_size(a.huge_bytes))),
-        ("read-plain", w_read(c.plain)),
-        ("read-zlib", w_read(c.zlib)),
-        ("read-zstd", w_read(c.zstd)),
+    Work = tuple[str, Callable[[], object], Callable[[], None] | None]
+    work: list[Work] = [
+        ("extents-huge", w_extents(c.huge, corpus_mod.parse_size(a.huge_bytes)), None),
+        ("read-plain", w_read(c.plain), None),
+        ("read-zlib", w_read(c.zlib), None),
+        ("read-zstd", w_read(c.zstd), None),
     ]
     tmpdir = tempfile.mkdtemp(prefix="qcow2-hot-", dir="/dev/shm" if os.path.isdir(
         "/dev/shm") else None)
@@ -142,19 +151,19 @@ def main(argv: list[str] | None = None) -> int:
             # -m 1: one worker, so that cProfile (main thread only) sees all the work
             work.append((f"convert-{kind}", w_cli(
                 ["convert", "-m", "1", "-O", "raw", str(getattr(c, kind)),
-                 f"{tmpdir}/out.raw"], Path(tmpdir, "out.raw"))))
+                 f"{tmpdir}/out.raw"]), remover(Path(tmpdir, "out.raw"))))
     if _has_cli("map"):
         work.append(("map-huge", w_cli(["map", "--output=json", "-l",
                                         str(corpus_mod.parse_size(a.huge_bytes)),
-                                        str(c.huge)])))
+                                        str(c.huge)]), None))
     if a.only:
         pre = tuple(a.only.split(","))
         work = [w for w in work if w[0].startswith(pre)]
     results = []
     try:
-        for name, fn in work:
+        for name, fn, setup in work:
             print(f"[hotspots] {name} ...", file=sys.stderr, flush=True)
-            results.append(profile(name, fn))
+            results.append(profile(name, fn, setup))
     finally:
         for f in Path(tmpdir).iterdir():
             f.unlink()
