@@ -328,3 +328,15 @@ def test_option_help() -> None:
         "  size=<size>            - Virtual disk size\n")
     assert option_help("qcow2", with_protocol=False).startswith(
         "Supported qcow2 options:\n  backing_file=<str>     - File name of a base image\n")
+
+
+def test_non_utf8_names(cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """File names are bytes to QEMU: argv's undecodable bytes go into the header unchanged."""
+    rc, _out, _err = run(capsys, "-q", "-f", "qcow2", "-u", "-b", "b\udcff", "-F", "raw",
+                         "-o", "data_file=d\udcfe", "x.qcow2", "1M")
+    assert rc == 0
+    raw = Path("x.qcow2").read_bytes()[:65536]
+    h = Header.parse(raw)
+    assert raw[h.backing_file_offset:h.backing_file_offset + h.backing_file_size] == b"b\xff"
+    assert b"DATA\x00\x00\x00\x02d\xfe" in raw
+    assert os.path.exists(b"d\xfe")

@@ -498,6 +498,10 @@ class _File:
             self.fd = -1
 
 
+def _fs_bytes(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
 def _strerror(e: OSError) -> str:
     return e.strerror or os.strerror(e.errno or errno.EIO)
 
@@ -671,7 +675,7 @@ def _create_qcow(req: _Request) -> None:
             # "fat:" is vvfat's special backing file: no name is stored, but the geometry
             # for images with a backing file is still used.
             if backing != "fat:":
-                name = backing.encode("utf-8", "surrogateescape")
+                name = _fs_bytes(backing)
             cluster_bits, l2_bits = 9, 12  # 512-byte clusters avoid copying unmodified sectors
         else:
             cluster_bits, l2_bits = 12, 9
@@ -1246,18 +1250,35 @@ class _Qcow2Alloc:
                    autoclear_features=C.QCOW2_AUTOCLEAR_DATA_FILE_RAW if p.data_file_raw else 0,
                    refcount_order=p.refcount_order, header_length=112,
                    compression_type=p.compression_type)
-        data_name = _strip_file_protocol(p.data_file) if p.data_file is not None else None
-        exts = HeaderExtensions(backing_format=p.backing_fmt, data_file=data_name)
-        if p.backing_file is not None and len(p.backing_file.encode()) > 1023:
+        # Names are bytes to QEMU: a name that is not UTF-8 (surrogate-escaped from argv) is
+        # encoded with ASCII placeholders of the same length, then patched in.
+        data_raw = (_fs_bytes(_strip_file_protocol(p.data_file))
+                    if p.data_file is not None else None)
+        backing_raw = _fs_bytes(p.backing_file) if p.backing_file is not None else None
+        exts = HeaderExtensions(backing_format=p.backing_fmt,
+                                data_file="x" * len(data_raw) if data_raw is not None else None)
+        if backing_raw is not None and len(backing_raw) > 1023:
             raise CreateError(f"Could not assign backing file '{p.backing_file}' with format "
                               f"'{p.backing_fmt}': Invalid argument")
         try:
-            return encode_header_cluster(h, exts, p.backing_file)
+            out = bytearray(encode_header_cluster(
+                h, exts, "x" * len(backing_raw) if backing_raw is not None else None))
         except ImageLimitError:
             if p.backing_file is not None:
                 raise CreateError(f"Could not assign backing file '{p.backing_file}' with "
                                   f"format '{p.backing_fmt}': No space left on device") from None
             raise CreateError("Could not update qcow2 header: No space left on device") from None
+        if backing_raw:
+            out[h.backing_file_offset:h.backing_file_offset + len(backing_raw)] = backing_raw
+        if data_raw:
+            pos = 72 if p.version == 2 else 112
+            while True:
+                magic, length = struct.unpack_from(">II", out, pos)
+                if magic == C.QCOW2_EXT_MAGIC_DATA_FILE:
+                    out[pos + 8:pos + 8 + length] = data_raw
+                    break
+                pos += 8 + (length + 7) // 8 * 8
+        return bytes(out)
 
     def refblocks(self) -> Iterator[tuple[int, bytes]]:
         for index, offset in enumerate(self.reftable):
