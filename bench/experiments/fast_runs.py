@@ -10,6 +10,7 @@ exactly as before.
     python bench/experiments/fast_runs.py check IMG...          # identical runs, many windows
     python bench/experiments/fast_runs.py time IMG [--chunk N]  # extents()/read speed, before/after
     python bench/experiments/fast_runs.py crossover             # Python vs numpy per slice size
+    python bench/experiments/fast_runs.py cli map --output=json IMG   # the qcow2 CLI, patched
 
 Nothing in src/ is changed: the patch is applied to one open image via `patch(img)`.
 """
@@ -47,6 +48,7 @@ FAST_CONTIGUOUS = True  # the two-pass check for a fully contiguous slice
 NUMPY_MIN_CLUSTERS = 32  # below this the Python loop wins (see `crossover`)
 
 Run = tuple[int, int, int, int | None]
+_ENGINE_STD_RUNS = Qcow2Image._std_runs
 
 
 def std_runs_np(self: Qcow2Image, table: array[int], l2_off: int, pos: int, chunk_end: int,
@@ -57,7 +59,7 @@ def std_runs_np(self: Qcow2Image, table: array[int], l2_off: int, pos: int, chun
     cl0 = pos >> cbits
     ncl = ((chunk_end - 1) >> cbits) + 1 - cl0
     if ncl < NUMPY_MIN_CLUSTERS:
-        return Qcow2Image._std_runs(self, table, l2_off, pos, chunk_end, has_df, v2)
+        return _ENGINE_STD_RUNS(self, table, l2_off, pos, chunk_end, has_df, v2)
     i0 = cl0 & (self.l2_entries - 1)
     t = np.frombuffer(table, dtype=np.uint64, count=ncl, offset=i0 * 8)
     if FAST_CONTIGUOUS and not has_df:
@@ -83,7 +85,7 @@ def std_runs_np(self: Qcow2Image, table: array[int], l2_off: int, pos: int, chun
         expect = (np.arange(cl0, cl0 + ncl, dtype=np.uint64) << np.uint64(cbits))
         bad = bool((normal & (off != expect)).any())
     if bad:
-        return Qcow2Image._std_runs(self, table, l2_off, pos, chunk_end, has_df, v2)
+        return _ENGINE_STD_RUNS(self, table, l2_off, pos, chunk_end, has_df, v2)
     kind = np.full(ncl, UNALLOC_PLAIN, dtype=np.int8)
     kind[normal] = NORMAL
     kind[zero & has_off] = ZERO_ALLOC
@@ -310,6 +312,12 @@ def main() -> int:
     t.add_argument("--what", choices=("extents", "read", "both"), default="both")
     t.add_argument("--skip-engine", action="store_true", help="extents: numpy variants only")
     sub.add_parser("crossover")
+    if len(sys.argv) > 1 and sys.argv[1] == "cli":
+        # every image the command opens uses the vectorised classifier
+        from qcow2.cli.main import main as cli_main
+
+        Qcow2Image._std_runs = std_runs_np  # type: ignore[assignment,method-assign]
+        return cli_main(sys.argv[2:])
     a = ap.parse_args()
     if a.cmd == "check":
         bad = check_synthetic(a.synthetic, 1)
