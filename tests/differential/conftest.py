@@ -795,3 +795,23 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Matri
         pytest.skip(f"oracle missing: {', '.join(missing)}")
     root = tmp_path_factory.mktemp("read-matrix")
     yield _build_all(root)
+
+
+@pytest.fixture(params=["python", "numpy"])
+def l2_classifier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once with the Python L2 loop only and once with the numpy classifier.
+
+    Which one a process uses otherwise depends on what it has done before (numpy is only
+    imported once a scan is long enough), so the matrix pins each explicitly.
+    """
+    from qcow2.engine import image as image_mod
+
+    if request.param == "numpy":
+        import numpy
+
+        monkeypatch.setattr(image_mod, "_np_module", numpy)
+    else:
+        monkeypatch.setattr(image_mod, "_np_module", None)
+        monkeypatch.setattr(image_mod, "_loaded_numpy", lambda: None)
+        monkeypatch.setattr(image_mod, "NUMPY_IMPORT_AFTER", 1 << 62)
+    return str(request.param)

@@ -52,14 +52,14 @@ def assert_map_matches(case: MatrixImage, expected: list[dict[str, Any]],
 
 
 @pytest.mark.parametrize("name", MAP_CASES)
-def test_map_equals_qemu(matrix: dict[str, MatrixImage], name: str) -> None:
+def test_map_equals_qemu(matrix: dict[str, MatrixImage], name: str, l2_classifier: str) -> None:
     case = matrix[name]
     assert case.map_json is not None
     assert_map_matches(case, case.map_json)
 
 
 @pytest.mark.parametrize("name", MAP_CASES)
-def test_map_windows_equal_qemu(matrix: dict[str, MatrixImage], name: str) -> None:
+def test_map_windows_equal_qemu(matrix: dict[str, MatrixImage], name: str, l2_classifier: str) -> None:
     case = matrix[name]
     for start, length, qemu in case.windows:
         expected = [] if len(qemu) == 1 and qemu[0]["length"] == 0 else qemu

@@ -33,7 +33,7 @@ def _interesting_ranges(case: MatrixImage) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_full_read_equals_qemu(matrix: dict[str, MatrixImage], name: str) -> None:
+def test_full_read_equals_qemu(matrix: dict[str, MatrixImage], name: str, l2_classifier: str) -> None:
     case = matrix[name]
     with open_case(case) as img:
         assert img.virtual_size == case.size
@@ -47,7 +47,7 @@ def test_full_read_equals_qemu(matrix: dict[str, MatrixImage], name: str) -> Non
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_random_ranges_equal_qemu(matrix: dict[str, MatrixImage], name: str) -> None:
+def test_random_ranges_equal_qemu(matrix: dict[str, MatrixImage], name: str, l2_classifier: str) -> None:
     case = matrix[name]
     rng = random.Random(f"{SEED}-ranges-{name}")
     size = case.size
