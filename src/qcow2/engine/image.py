@@ -138,6 +138,7 @@ class Qcow2Image(BlockDevice):
         self.l2_cache = TableCache(cs, l2_cache_size or DEFAULT_L2_CACHE_BYTES, self._load_l2)
         self._zlib_cache_key: int | None = None
         self._zlib_cache_val = b""
+        self._zstd_dctx: Any = None
         self.snapshots: list[SnapshotEntry] = self._read_snapshots()
         self.bitmaps: list[BitmapDirEntry] = self._read_bitmaps()
         self._refblock_cache: dict[int, bytes] = {}
@@ -496,7 +497,7 @@ class Qcow2Image(BlockDevice):
         cs = self.cluster_size
         raw = self.store.pread(coffset, csize)
         if self.header.compression_type == C.QCOW2_COMPRESSION_TYPE_ZSTD:
-            out = _zstd_decompress(raw, cs)
+            out = self._zstd_one_frame(raw, cs)
         else:
             try:
                 d = zlib.decompressobj(-12)
@@ -510,6 +511,28 @@ class Qcow2Image(BlockDevice):
         self._zlib_cache_key = entry
         self._zlib_cache_val = out
         return out
+
+    def _zstd_one_frame(self, raw: bytes, cs: int) -> bytes:
+        # QEMU writes one frame that declares exactly one cluster: decode it in one call with
+        # a decompressor kept per image (they are not thread-safe; images are per thread).
+        # Anything else takes the general frame loop, which has QEMU's exact semantics.
+        import zstandard
+
+        try:
+            declared = zstandard.get_frame_parameters(raw).content_size
+        except zstandard.ZstdError:
+            return b""
+        if declared == cs:
+            dctx = self._zstd_dctx
+            if dctx is None:
+                dctx = self._zstd_dctx = zstandard.ZstdDecompressor()
+            try:
+                out: bytes = dctx.decompress(raw, max_output_size=cs)
+            except zstandard.ZstdError:
+                out = b""
+            if len(out) == cs:
+                return out
+        return _zstd_decompress(raw, cs)
 
     def close(self) -> None:
         if self._closed:
