@@ -3,11 +3,9 @@ and an in-memory store for tests share one small interface."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
-from typing import Protocol
+from typing import Any, Protocol
 
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
@@ -34,14 +32,19 @@ class ByteStore(Protocol):
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_libc: ctypes.CDLL | None = None
+_libc: Any = None
 
 
 def _punch(fd: int, offset: int, length: int) -> bool:
     """fallocate(PUNCH_HOLE | KEEP_SIZE); False where the OS or file system cannot."""
+    # ctypes is imported here, not at the top: it pulls in shutil/subprocess and costs
+    # several ms of every command's start-up, and only hole punching needs it. CDLL(None)
+    # is the process's own symbol table (libc included) without find_library's ldconfig run.
+    import ctypes
+
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        _libc = ctypes.CDLL(None, use_errno=True)
     fn = getattr(_libc, "fallocate", None)
     if fn is None:
         return False

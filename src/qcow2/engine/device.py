@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._record import record
 from ..errors import OutOfRangeError, ReadOnlyImageError
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ STATUS_OFFSET_VALID = 4
 ZERO_CHUNK = bytes(1 << 20)
 
 
-@dataclass(slots=True)
+@record
 class LayerRun:
     """A run of one layer's guest range with the same status (no backing resolution)."""
 
@@ -37,7 +37,7 @@ class LayerRun:
     store: ByteStore | None = None
 
 
-@dataclass(slots=True, frozen=True)
+@record(frozen=True)
 class Extent:
     """A merged run of the whole chain, as one entry of `qemu-img map --output=json`."""
 

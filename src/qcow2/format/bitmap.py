@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
+from .._record import record
 from ..errors import InvalidImageError
 
 _ENTRY = struct.Struct(">QIIBBHI")
@@ -16,7 +16,7 @@ BME_RESERVED_FLAGS = 0xFFFFFFFC
 BME_TYPE_DIRTY_TRACKING = 1
 
 
-@dataclass(slots=True)
+@record
 class BitmapDirEntry:
     bitmap_table_offset: int
     bitmap_table_size: int

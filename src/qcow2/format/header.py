@@ -7,8 +7,8 @@ extensions in QEMU's fixed order, the end marker and the backing file name right
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 
+from .._record import field, record
 from ..errors import ImageLimitError, InvalidImageError, UnsupportedFeatureError
 from . import constants as C
 
@@ -22,7 +22,7 @@ QEMU_HEADER_LENGTH = 112  # sizeof(QCowHeader): what QEMU writes for images it c
 SNAPSHOT_HEADER_SIZE = 40
 
 
-@dataclass(slots=True)
+@record
 class Header:
     """Every field of the qcow2 header, by its spec name."""
 
@@ -190,7 +190,7 @@ def _validate_table(h: Header, offset: int, entries: int, entry_len: int, max_by
 
 # --------------------------------------------------------------------------- extensions
 
-@dataclass(slots=True)
+@record
 class Extension:
     """One header extension: magic and raw payload (padding excluded)."""
 
@@ -198,7 +198,7 @@ class Extension:
     data: bytes
 
 
-@dataclass(slots=True)
+@record
 class BitmapsExtension:
     nb_bitmaps: int
     reserved32: int
@@ -216,7 +216,7 @@ class BitmapsExtension:
                             self.bitmap_directory_offset)
 
 
-@dataclass(slots=True)
+@record
 class CryptoExtension:
     offset: int
     length: int
@@ -250,7 +250,7 @@ def encode_feature_table(entries: tuple[tuple[int, int, str], ...] | list[tuple[
     return bytes(out)
 
 
-@dataclass(slots=True)
+@record
 class HeaderExtensions:
     """The decoded extension area. `unknown` keeps foreign extensions byte-exact, in file order."""
 

@@ -8,8 +8,8 @@ allocation or a loop is checked here, with QEMU's own messages (block/qcow.c, qc
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
+from .._record import record
 from ..errors import ImageLimitError, InvalidImageError, UnsupportedFeatureError
 from . import constants as C
 
@@ -38,7 +38,7 @@ _HEADER = struct.Struct(">IIQIIQBBHIQ")
 assert _HEADER.size == QCOW_HEADER_SIZE
 
 
-@dataclass(slots=True)
+@record
 class QcowHeader:
     """Every field of the qcow v1 header, by its spec name."""
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
+from .._record import record
 from ..errors import ImageLimitError, InvalidImageError
 from . import constants as C
 
@@ -13,7 +13,7 @@ assert _HDR.size == 40
 _EXTRA = struct.Struct(">QQQ")  # vm_state_size_large, disk_size, icount
 
 
-@dataclass(slots=True)
+@record
 class SnapshotEntry:
     l1_table_offset: int
     l1_size: int
