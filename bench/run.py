@@ -19,10 +19,10 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -97,10 +97,13 @@ class Cmd:
     output: Path | None = None  # removed before every run
     label: str = ""
     env: dict[str, str] | None = None  # None: ENV
+    setup: list[list[str]] = field(default_factory=list)  # run before every run, untimed
+    result: Path | None = None  # the image verify="image" compares (default: output)
 
     def key(self) -> tuple[str, ...]:
         return (*self.argv, f"<{self.stdin}" if self.stdin else "",
-                "nopyc" if self.env is NO_PYC_ENV else "")
+                "nopyc" if self.env is NO_PYC_ENV else "",
+                *(" ".join(a) for a in self.setup))
 
     def shell(self) -> str:
         s = " ".join(_short(a) for a in self.argv)
@@ -121,32 +124,77 @@ class Timing:
     runs: list[float] = field(default_factory=list)
     error: str | None = None
     foreign: float = 0.0  # cores' worth of CPU other processes used while this was timed
+    rss: int = 0  # peak RSS (ru_maxrss, bytes), the highest of all runs
+    anon: int = 0  # peak anonymous RSS (bytes), sampled during the warm-up run
+
+
+@dataclass
+class Run:
+    wall: float
+    cpu: float  # user+sys of the child (and the children it waited for)
+    rss: int  # ru_maxrss of the child, bytes: includes mapped file pages (page cache)
+    anon: int  # sampled peak RssAnon, bytes (0 unless sampled)
+    error: str | None
+
+
+SAMPLE_EVERY = 0.002  # seconds between /proc/PID/status reads in a sampled run
+
+
+def _rss_anon(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"RssAnon:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 class Runner:
     def __init__(self) -> None:
         self.cache: dict[tuple[str, ...], Timing] = {}
 
-    def once(self, c: Cmd, capture: Path | None = None) -> tuple[float, float, str | None]:
+    def once(self, c: Cmd, capture: Path | None = None, sample: bool = False) -> Run:
+        """Run c (its setup first, untimed). sample: also poll the child's RssAnon (the
+        peak private memory, which ru_maxrss cannot tell apart from mapped page cache); the
+        polling runs in this process, so sampled runs are not timed ones."""
         if c.output is not None and c.output.exists():
             c.output.unlink()
+        for argv in c.setup:
+            p0 = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
+            if p0.returncode != 0:
+                msg = p0.stderr.decode(errors="replace").strip().splitlines()
+                return Run(0.0, 0.0, 0, 0, f"setup {argv[0]} exit {p0.returncode}: "
+                                           f"{msg[-1] if msg else ''}"[:200])
         with contextlib.ExitStack() as stack:
             stdin: Any = (stack.enter_context(open(c.stdin, "rb")) if c.stdin
                           else subprocess.DEVNULL)
             stdout: Any = (stack.enter_context(open(capture, "wb")) if capture
                            else subprocess.DEVNULL)
-            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            errf = stack.enter_context(tempfile.TemporaryFile())
+            anon = 0
             t0 = time.perf_counter()
-            p = subprocess.run(c.argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
-                               env=c.env if c.env is not None else ENV)
+            p = subprocess.Popen(c.argv, stdin=stdin, stdout=stdout, stderr=errf,
+                                 env=c.env if c.env is not None else ENV)
+            if sample:
+                while True:
+                    pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+                    if pid:
+                        break
+                    anon = max(anon, _rss_anon(p.pid))
+                    time.sleep(SAMPLE_EVERY)
+            else:
+                _, status, ru = os.wait4(p.pid, 0)
             dt = time.perf_counter() - t0
-            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+            p.returncode = os.waitstatus_to_exitcode(status)
+            errf.seek(0)
+            stderr = errf.read()
         err = None
         if p.returncode != 0:
-            lines = p.stderr.decode(errors="replace").strip().splitlines()
+            lines = stderr.decode(errors="replace").strip().splitlines()
             err = f"exit {p.returncode}: {lines[-1] if lines else ''}"[:200]
-        return dt, cpu, err
+        return Run(dt, ru.ru_utime + ru.ru_stime, ru.ru_maxrss << 10, anon, err)
 
     def compare(self, a: Cmd, b: Cmd, repeat: int) -> tuple[Timing, Timing]:
         """Warm both, then alternate a/b `repeat` times; commands timed before are reused."""
@@ -155,7 +203,8 @@ class Runner:
             todo = todo[:1]
         for c in todo:
             t = self.cache[c.key()] = Timing()
-            _, _, t.error = self.once(c)  # warm-up
+            w = self.once(c, sample=True)  # warm-up (and the private-memory sample)
+            t.error, t.rss, t.anon = w.error, w.rss, w.anon
         spent: dict[int, list[float]] = {id(c): [0.0, 0.0] for c in todo}  # foreign, wall
         for _ in range(repeat):
             for c in todo:
@@ -163,17 +212,19 @@ class Runner:
                 if t.error:
                     continue
                 b0 = busy_cpu_seconds()
-                dt, cpu, err = self.once(c)
+                r = self.once(c)
+                dt = r.wall
                 acc = spent[id(c)]
-                acc[0] += max(0.0, busy_cpu_seconds() - b0 - cpu)
+                acc[0] += max(0.0, busy_cpu_seconds() - b0 - r.cpu)
                 acc[1] += dt
                 t.foreign = acc[0] / acc[1] if acc[1] else 0.0
-                if err:
-                    t.error = err
+                if r.error:
+                    t.error = r.error
                     continue
                 t.runs.append(dt)
+                t.rss = max(t.rss, r.rss)
                 if dt < t.best:
-                    t.best, t.cpu = dt, cpu
+                    t.best, t.cpu = dt, r.cpu
         for c in (a, b):
             if c.output is not None and c.output.exists():
                 c.output.unlink()
@@ -189,7 +240,11 @@ class Row:
     qemu: Cmd
     repeat: int
     note: str = ""
-    verify: str = ""  # "files" (compare outputs) or "json" (compare stdout as JSON)
+    # "files" (cmp the outputs), "json" (compare stdout as JSON), "image" (qemu-img compare
+    # and cmp of the two result images, qemu-img check of ours)
+    verify: str = ""
+    setup: list[list[str]] = field(default_factory=list)  # run once before the row, untimed
+    cleanup: list[Path] = field(default_factory=list)  # deleted after the row
     t_ours: Timing | None = None
     t_qemu: Timing | None = None
     check: str = ""
@@ -199,6 +254,91 @@ def virtual_size(img: Path) -> int:
     out = subprocess.run(["qemu-img", "info", "--output=json", str(img)], check=True,
                          capture_output=True).stdout
     return int(json.loads(out)["virtual-size"])
+
+
+# --------------------------------------------------------------------------- write rows
+CLUSTER = 64 << 10  # qemu-img create's default, for both tools' images
+INT_MAX = (1 << 31) - 1  # qemu-img bench takes -S up to INT_MAX
+WRITE_PATTERN = "0xa5"  # not zero: neither side should be able to skip the data
+WRITE_COUNT_CAP = 16384
+HUGE_WRITE_SIZE = 1 << 40
+HUGE_WRITE_COUNT = 4096
+
+
+def spread_step(vsize: int) -> int:
+    """A step that scatters bench requests over the whole image, one cluster each.
+
+    qemu-img bench only goes forward by -S, wrapping modulo the image size. A whole number of
+    clusters, odd and coprime with the cluster count, about 0.38 of the image (capped below
+    INT_MAX), visits every cluster once before it repeats one, in a scattered order.
+    """
+    clusters = vsize // CLUSTER
+    p = max(1, min(int(clusters * 0.382), INT_MAX // CLUSTER)) | 1
+    while p > 1 and (math.gcd(p, clusters) != 1 or p * CLUSTER > INT_MAX):
+        p -= 2
+    return p * CLUSTER
+
+
+def write_cmds(img: Path, qimg: Path, bufsize: int, step: int, count: int
+               ) -> tuple[Cmd, Cmd]:
+    args = ["-s", str(bufsize), "-S", str(step), "-c", str(count), "-o", "0"]
+    o = Cmd([PY, API, "write", str(img), *args, "--pattern", WRITE_PATTERN])
+    q = Cmd(["qemu-img", "bench", "-w", "-f", "qcow2", "-t", "writeback", "-d", "1", *args,
+             f"--pattern={WRITE_PATTERN}", str(qimg)])
+    return o, q
+
+
+def _kib(n: int) -> str:
+    return f"{n >> 10} KiB"
+
+
+def write_rows(vsize: int, outdir: Path, repeat: int) -> list[Row]:
+    """Writes through our API (bench/api.py write) against `qemu-img bench -w`, same offsets."""
+    rows: list[Row] = []
+    step = spread_step(vsize)
+    count = min(vsize // CLUSTER, WRITE_COUNT_CAP)
+    vs = fmt_bytes(vsize)
+    for bufsize in (4 << 10, 64 << 10):
+        label = f"{bufsize >> 10}k"
+        # allocating: a fresh empty image before every run (untimed)
+        oi, qi = outdir / "ours-w.qcow2", outdir / "qemu-w.qcow2"
+        o, q = write_cmds(oi, qi, bufsize, step, count)
+        for cmd, img in ((o, oi), (q, qi)):
+            cmd.output = cmd.result = img
+            cmd.setup = [["qemu-img", "create", "-q", "-f", "qcow2", str(img), str(vsize)]]
+        rows.append(Row(f"write-{label}-alloc",
+                        f"write {_kib(bufsize)} ×{count}, allocating, {vs} image", o, q, repeat,
+                        f"fresh empty image per run; each write allocates a cluster "
+                        f"(step {step})", verify="image"))
+        # in place: metadata-preallocated images; the warm-up has written every offset once,
+        # so the timed runs overwrite allocated, already-written clusters
+        oi, qi = outdir / "ours-p.qcow2", outdir / "qemu-p.qcow2"
+        o, q = write_cmds(oi, qi, bufsize, step, count)
+        o.result, q.result = oi, qi
+        rows.append(Row(f"write-{label}-inplace",
+                        f"write {_kib(bufsize)} ×{count}, in place, {vs} image", o, q, repeat,
+                        "preallocation=metadata image, offsets already written by the warm-up",
+                        verify="image",
+                        setup=[["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                                "preallocation=metadata", str(img), str(vsize)]
+                               for img in (oi, qi)],
+                        cleanup=[oi, qi]))
+    # memory: a 1 TiB virtual image; the step (512 MiB + 64 KiB) moves to the next L2 table
+    # every time, so the run touches each of the 2048 L2 tables twice
+    oi, qi = outdir / "ours-h.qcow2", outdir / "qemu-h.qcow2"
+    hstep = (512 << 20) + CLUSTER
+    o, q = write_cmds(oi, qi, 64 << 10, hstep, HUGE_WRITE_COUNT)
+    for cmd, img in ((o, oi), (q, qi)):
+        cmd.output = cmd.result = img
+        cmd.setup = [["qemu-img", "create", "-q", "-f", "qcow2", str(img),
+                      str(HUGE_WRITE_SIZE)]]
+    rows.append(Row("write-64k-alloc-1t",
+                    f"write 64 KiB ×{HUGE_WRITE_COUNT}, allocating, "
+                    f"{fmt_bytes(HUGE_WRITE_SIZE)} image", o, q, repeat,
+                    f"step {hstep} (512 MiB + 64 KiB): every write lands in another L2 table; "
+                    "all 2048 tables are allocated, then each is visited again",
+                    verify="image"))
+    return rows
 
 
 def build_rows(c: corpus_mod.Corpus, outdir: Path, repeat: int, repeat_startup: int
@@ -215,6 +355,16 @@ def build_rows(c: corpus_mod.Corpus, outdir: Path, repeat: int, repeat_startup: 
         rows.append(Row(f"convert-{kind}", f"convert -O raw, {kind}", o, q, repeat,
                         "" if conv else "skipped: `qcow2 convert` not there yet",
                         verify="files"))
+    if c.raw is not None:
+        raw = str(c.raw)
+        q = Cmd(["qemu-img", "convert", "-O", "qcow2", raw, str(outdir / "qemu.qcow2")],
+                output=outdir / "qemu.qcow2")
+        o = (Cmd([*tool, "convert", "-O", "qcow2", raw, str(outdir / "ours.qcow2")],
+                 output=outdir / "ours.qcow2") if conv else None)
+        rows.append(Row("convert-raw-to-qcow2",
+                        f"convert -O qcow2, raw ext4 ({fmt_bytes(c.raw.stat().st_size)})",
+                        o, q, repeat, "" if conv else "skipped: `qcow2 convert` not there yet",
+                        verify="image"))
     for kind in ("plain", "zlib", "zstd"):
         img = getattr(c, kind)
         size = virtual_size(img)
@@ -229,6 +379,7 @@ def build_rows(c: corpus_mod.Corpus, outdir: Path, repeat: int, repeat_startup: 
                         f"sequential read 4 MiB, {kind} (API vs qemu-img convert)", o, q, repeat,
                         "qemu-img convert also writes the raw file (tmpfs), several requests "
                         "in flight"))
+    rows += write_rows(virtual_size(c.plain), outdir, repeat)
     small = str(c.small)
     if has_cli("info"):
         o, note = Cmd([*tool, "info", small]), ""
@@ -260,6 +411,28 @@ def fmt_bytes(n: int) -> str:
 def verify_row(r: Row, runner: Runner, outdir: Path) -> str:
     if r.ours is None or (r.t_ours and r.t_ours.error) or (r.t_qemu and r.t_qemu.error):
         return ""
+    if r.verify == "image":
+        a, b = r.ours.result or r.ours.output, r.qemu.result or r.qemu.output
+        assert a is not None and b is not None
+        for cmd in (r.ours, r.qemu):
+            if runner.once(cmd).error:
+                return ""
+        check = subprocess.run(["qemu-img", "check", "-q", str(a)], capture_output=True)
+        comp = subprocess.run(["qemu-img", "compare", "-q", str(a), str(b)],
+                              capture_output=True)
+        same = subprocess.run(["cmp", "-s", str(a), str(b)]).returncode == 0
+        for cmd in (r.ours, r.qemu):
+            if cmd.output is not None:
+                cmd.output.unlink(missing_ok=True)
+        notes = ["qemu-img check of ours clean" if check.returncode == 0
+                 else f"**qemu-img check of ours: exit {check.returncode}**"]
+        if comp.returncode != 0:
+            notes.append(f"**qemu-img compare: exit {comp.returncode}**")
+        elif same:
+            notes.append("images byte-identical")
+        else:
+            notes.append("same content (qemu-img compare), files differ (cmp)")
+        return "; ".join(notes)
     if r.verify == "files":
         assert r.ours.output is not None and r.qemu.output is not None
         runner.once(r.ours)
@@ -387,29 +560,39 @@ def _fmt_t(t: Timing | None) -> str:
     return f"{t.best * 1000:.0f} ms"
 
 
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f}" if n else "?"
+
+
 def render(rows: list[Row], info: dict[str, str], imp: dict[str, object] | None,
            floors: dict[str, Timing], repeat: int, repeat_startup: int) -> str:
     out = ["## Results", "",
            f"Best of {repeat} (start-up rows: best of {repeat_startup}) wall-clock runs after one "
            "untimed warm-up per command; CPU = user+sys of that best run. "
            "Ratio = ours / qemu (lower is better). Noise = cores' worth of CPU used by other "
-           "processes while the row ran (0 = quiet machine). Python children run with a "
+           "processes while the row ran (0 = quiet machine). Peak RSS = the child's "
+           "ru_maxrss, highest of all runs (it counts mapped file pages: our convert maps "
+           "its source, so its RSS includes page cache). Private = peak RssAnon, sampled "
+           f"every {SAMPLE_EVERY * 1000:.0f} ms during the warm-up run. Python children run with a "
            "bytecode cache (as after `pip install`).", "",
-           "| row | ours | qemu | ratio | CPU ours / qemu | noise | notes |",
-           "|---|---:|---:|---:|---:|---:|---|"]
+           "| row | ours | qemu | ratio | CPU ours / qemu | peak RSS ours / qemu "
+           "| private ours / qemu | noise | notes |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        ratio = cpu = noise = "—"
+        ratio = cpu = noise = rss = anon = "—"
         o, q = r.t_ours, r.t_qemu
         if o and q and not o.error and not q.error:
             ratio = f"**{o.best / q.best:.2f}×**"
             cpu = f"{o.cpu:.2f} / {q.cpu:.2f} s"
             noise = f"{max(o.foreign, q.foreign):.2f}"
+            rss = f"{_mib(o.rss)} / {_mib(q.rss)} MiB"
+            anon = f"{_mib(o.anon)} / {_mib(q.anon)} MiB"
         notes = [n for n in (r.note, r.check) if n]
         for t, who in ((o, "ours"), (q, "qemu")):
             if t and t.error:
                 notes.append(f"{who} failed: {t.error}")
-        out.append(f"| {r.title} | {_fmt_t(o)} | {_fmt_t(q)} | {ratio} | {cpu} | {noise} | "
-                   f"{'; '.join(notes)} |")
+        out.append(f"| {r.title} | {_fmt_t(o)} | {_fmt_t(q)} | {ratio} | {cpu} | {rss} | "
+                   f"{anon} | {noise} | {'; '.join(notes)} |")
     out += ["", "Commands (ours / qemu):", ""]
     for r in rows:
         out.append(f"- `{r.id}`: `{r.ours.shell() if r.ours else '(skipped)'}`  /  "
@@ -486,12 +669,18 @@ def main(argv: list[str] | None = None) -> int:
                 load = wait_idle(a.wait_idle, a.idle_threshold)
                 print(f"[run] other load {load:.2f} cores", file=sys.stderr, flush=True)
             print(f"[run] {r.id} ...", file=sys.stderr, flush=True)
-            if r.ours is None:
-                r.t_qemu = runner.compare(r.qemu, r.qemu, r.repeat)[1]
-            else:
-                r.t_ours, r.t_qemu = runner.compare(r.ours, r.qemu, r.repeat)
-                if not a.no_verify and r.verify:
-                    r.check = verify_row(r, runner, outdir)
+            try:
+                for argv_ in r.setup:
+                    subprocess.run(argv_, check=True, stdin=subprocess.DEVNULL)
+                if r.ours is None:
+                    r.t_qemu = runner.compare(r.qemu, r.qemu, r.repeat)[1]
+                else:
+                    r.t_ours, r.t_qemu = runner.compare(r.ours, r.qemu, r.repeat)
+                    if not a.no_verify and r.verify:
+                        r.check = verify_row(r, runner, outdir)
+            finally:
+                for p in r.cleanup:
+                    p.unlink(missing_ok=True)
         floors: dict[str, Timing] = {}
         if not a.only or any(p.startswith(("info", "map")) for p in a.only.split(",")):
             for label, argv_ in (("python -c pass", [PY, "-c", "pass"]),
@@ -525,6 +714,10 @@ def main(argv: list[str] | None = None) -> int:
                       "ours": r.ours.shell() if r.ours else None, "qemu": r.qemu.shell(),
                       "ours_s": r.t_ours.runs if r.t_ours else None,
                       "qemu_s": r.t_qemu.runs if r.t_qemu else None,
+                      "ours_rss": r.t_ours.rss if r.t_ours else None,
+                      "qemu_rss": r.t_qemu.rss if r.t_qemu else None,
+                      "ours_anon": r.t_ours.anon if r.t_ours else None,
+                      "qemu_anon": r.t_qemu.anon if r.t_qemu else None,
                       "ours_err": r.t_ours.error if r.t_ours else None,
                       "qemu_err": r.t_qemu.error if r.t_qemu else None} for r in rows],
             "floors": {k: v.runs for k, v in floors.items()},
