@@ -194,3 +194,33 @@ def test_one_read_per_host_contiguous_run(matrix: dict[str, MatrixImage], name: 
         assert img.read(0, case.size) == case.read_oracle(0, case.size)
         assert 0 < len(counting.reads) <= runs
         img.data_store = counting.inner
+
+
+# ----------------------------------------------------------------------------- parallel inflate
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_parallel_inflate_equals_qemu_and_reports_first_bad_cluster(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ctype: str, workers: int) -> None:
+    from qcow2.engine import image as image_mod
+
+    monkeypatch.setattr(image_mod, "_decompress_workers", lambda: workers)
+    n = 40
+    p = tmp_path / "img.qcow2"
+    src = tmp_path / "src.raw"
+    rnd = random.Random(ctype)
+    src.write_bytes(b"".join(bytes(rnd.choices(b"xyz \n", k=CS // 2)) + bytes(CS // 2)
+                             for _ in range(n)))
+    qemu_img("convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype}", src, p)
+    with qcow2.open(str(p)) as img:
+        assert img.read(0, n * CS) == src.read_bytes()
+        assert img.read(CS // 3, 7 * CS) == src.read_bytes()[CS // 3:CS // 3 + 7 * CS]
+        assert isinstance(img, Qcow2Image)
+        entries = [h for _, _, kind, h in img._map_runs(0, n * CS)]
+        bad = [img.compressed_layout.decode(entries[i])[0] for i in (17, 31)]
+    with open(p, "r+b") as f:
+        for off in bad:
+            f.seek(off)
+            f.write(b"\xff" * 64)
+    with qcow2.open(str(p)) as img, \
+            pytest.raises(qcow2.CorruptImageError, match=f"{bad[0]:#x}"):
+        img.read(0, n * CS)

@@ -8,6 +8,7 @@ extents) and `_read_layer()` (reads) are both built on it.
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 from array import array
 from collections.abc import Iterator
@@ -138,7 +139,6 @@ class Qcow2Image(BlockDevice):
         self.l2_cache = TableCache(cs, l2_cache_size or DEFAULT_L2_CACHE_BYTES, self._load_l2)
         self._zlib_cache_key: int | None = None
         self._zlib_cache_val = b""
-        self._zstd_dctx: Any = None
         self.snapshots: list[SnapshotEntry] = self._read_snapshots()
         self.bitmaps: list[BitmapDirEntry] = self._read_bitmaps()
         self._refblock_cache: dict[int, bytes] = {}
@@ -475,6 +475,7 @@ class Qcow2Image(BlockDevice):
 
     def _read_layer(self, offset: int, view: memoryview) -> None:
         cs = self.cluster_size
+        compressed: list[tuple[memoryview, int, int]] = []
         for r_start, r_len, kind, host in self._map_runs(offset, len(view)):
             sub = view[r_start - offset:r_start - offset + r_len]
             if kind == _NORMAL:
@@ -484,20 +485,46 @@ class Qcow2Image(BlockDevice):
                 zero_fill(sub)
             elif kind == _COMPRESSED:
                 assert host is not None
-                data = self._decompress(host)
-                in_cl = r_start & (cs - 1)
-                sub[:] = data[in_cl:in_cl + r_len]
+                compressed.append((sub, host, r_start & (cs - 1)))
             else:
                 self.read_backing_or_zero(r_start, sub)
+        if len(compressed) >= PARALLEL_MIN_CLUSTERS and _decompress_workers() > 1:
+            self._inflate_parallel(compressed)
+            return
+        for sub, entry, in_cl in compressed:
+            sub[:] = self._decompress(entry)[in_cl:in_cl + len(sub)]
+
+    def _inflate_parallel(self, items: list[tuple[memoryview, int, int]]) -> None:
+        # zlib and zstandard release the GIL: a long read's compressed clusters are inflated
+        # on every core (QEMU also splits a request into parallel cluster tasks). Each task
+        # is a contiguous share of the clusters; errors surface in guest order.
+        pool = _decompress_pool()
+        n = _decompress_workers()
+        step = -(-len(items) // n)
+
+        def work(part: list[tuple[memoryview, int, int]]) -> None:
+            for sub, entry, in_cl in part:
+                sub[:] = self._inflate(entry)[in_cl:in_cl + len(sub)]
+
+        futures = [pool.submit(work, items[i:i + step]) for i in range(0, len(items), step)]
+        for f in futures:
+            f.result()
 
     def _decompress(self, entry: int) -> bytes:
         if entry == self._zlib_cache_key:
             return self._zlib_cache_val
+        out = self._inflate(entry)
+        self._zlib_cache_key = entry
+        self._zlib_cache_val = out
+        return out
+
+    def _inflate(self, entry: int) -> bytes:
+        """One compressed cluster, decoded (thread-safe: no shared state is touched)."""
         coffset, csize = self.compressed_layout.decode(entry)
         cs = self.cluster_size
         raw = self.store.pread(coffset, csize)
         if self.header.compression_type == C.QCOW2_COMPRESSION_TYPE_ZSTD:
-            out = self._zstd_one_frame(raw, cs)
+            out = _zstd_one_frame(raw, cs)
         else:
             try:
                 d = zlib.decompressobj(-12)
@@ -508,31 +535,7 @@ class Qcow2Image(BlockDevice):
             raise CorruptImageError(
                 f"Could not decompress the compressed cluster at host offset {c_hex(coffset)}",
                 offset=coffset, fatal=False)
-        self._zlib_cache_key = entry
-        self._zlib_cache_val = out
         return out
-
-    def _zstd_one_frame(self, raw: bytes, cs: int) -> bytes:
-        # QEMU writes one frame that declares exactly one cluster: decode it in one call with
-        # a decompressor kept per image (they are not thread-safe; images are per thread).
-        # Anything else takes the general frame loop, which has QEMU's exact semantics.
-        import zstandard
-
-        try:
-            declared = zstandard.get_frame_parameters(raw).content_size
-        except zstandard.ZstdError:
-            return b""
-        if declared == cs:
-            dctx = self._zstd_dctx
-            if dctx is None:
-                dctx = self._zstd_dctx = zstandard.ZstdDecompressor()
-            try:
-                out: bytes = dctx.decompress(raw, max_output_size=cs)
-            except zstandard.ZstdError:
-                out = b""
-            if len(out) == cs:
-                return out
-        return _zstd_decompress(raw, cs)
 
     def close(self) -> None:
         if self._closed:
@@ -656,6 +659,51 @@ def _emit_runs(starts: list[int], kinds: list[int], offs: list[int], entries: li
         else:
             host = None
         yield g_start, g_end - g_start, kind, host
+
+
+# ---------------------------------------------------------------------- decompression
+PARALLEL_MIN_CLUSTERS = 8      # fewer compressed clusters in one read: inflate them inline
+_tls = threading.local()
+_pool: Any = None
+_pool_lock = threading.Lock()
+
+
+def _decompress_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def _decompress_pool() -> Any:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _pool = ThreadPoolExecutor(max_workers=_decompress_workers(),
+                                       thread_name_prefix="qcow2-inflate")
+        return _pool
+
+
+def _zstd_one_frame(raw: bytes, cs: int) -> bytes:
+    # QEMU writes one frame that declares exactly one cluster: decode it in one call with a
+    # decompressor kept per thread (they are not thread-safe). Anything else takes the
+    # general frame loop, which has QEMU's exact semantics.
+    import zstandard
+
+    try:
+        declared = zstandard.get_frame_parameters(raw).content_size
+    except zstandard.ZstdError:
+        return b""
+    if declared == cs:
+        dctx = getattr(_tls, "zstd_dctx", None)
+        if dctx is None:
+            dctx = _tls.zstd_dctx = zstandard.ZstdDecompressor()
+        try:
+            out: bytes = dctx.decompress(raw, max_output_size=cs)
+        except zstandard.ZstdError:
+            out = b""
+        if len(out) == cs:
+            return out
+    return _zstd_decompress(raw, cs)
 
 
 def _zstd_decompress(data: bytes, cluster_size: int) -> bytes:
