@@ -25,6 +25,7 @@ class ByteStore(Protocol):
     def flush(self) -> None: ...
     def allocated_size(self) -> int: ...
     def punch_hole(self, offset: int, length: int) -> None: ...
+    def allocate(self, offset: int, length: int) -> bool: ...
     def next_data(self, offset: int) -> int: ...
     def next_hole(self, offset: int) -> int: ...
     def close(self) -> None: ...
@@ -108,6 +109,17 @@ class FileStore:
         """Give the space back to the file system; the range then reads as zeros."""
         _punch(self.fd, offset, length)  # best effort: the clusters are free either way
 
+    def allocate(self, offset: int, length: int) -> bool:
+        """Reserve [offset, +length) as zeros (extending the file) without writing them.
+
+        False where the file system cannot, and the caller writes the zeros instead.
+        """
+        try:
+            os.posix_fallocate(self.fd, offset, length)
+        except OSError:
+            return False
+        return True
+
     def next_data(self, offset: int) -> int:
         """First data offset at or after `offset`; the file size if none (or unsupported: offset)."""
         try:
@@ -176,6 +188,12 @@ class MemoryStore:
         end = min(len(self.buf), offset + length)
         if offset < end:
             self.buf[offset:end] = bytes(end - offset)
+
+    def allocate(self, offset: int, length: int) -> bool:
+        if offset >= len(self.buf):
+            self.truncate(offset + length)   # through truncate: recording stores log it
+            return True
+        return False
 
     def next_data(self, offset: int) -> int:
         return offset if offset < len(self.buf) else len(self.buf)

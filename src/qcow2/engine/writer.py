@@ -353,6 +353,21 @@ class WritableQcow2Image(Qcow2Image):
         self.data_store.pwrite(host, data)
         self._data_dirty = True
 
+    def _write_cow(self, host: int, buf: bytearray) -> None:
+        """Write a copy-on-write piece; zeros at or past the end of the file are allocated
+        instead of written (QEMU zeroes such COW regions with an efficient write-zeroes):
+        a file system then records unwritten extents rather than writing the zeros, and the
+        file still holds the space, so `map`'s preallocation heuristics see what QEMU's
+        files show."""
+        store = self.data_store
+        n = len(buf)
+        if (n >= 4096 and host >= store.size() and buf == _zeros(n)
+                and store.allocate(host, n)):
+            self._check_overlap(host, n)
+            self._data_dirty = True
+            return
+        self._write_data(host, memoryview(buf))
+
     def _allocating_write(self, table: array[int], offset: int, view: memoryview) -> None:
         """Allocate host clusters for the clusters touched by [offset, +len) and write them,
         copying the untouched parts from what the guest currently sees (COW)."""
@@ -379,12 +394,12 @@ class WritableQcow2Image(Qcow2Image):
         if head:
             hbuf = bytearray(head)
             self._read_layer(base, memoryview(hbuf))
-            self._write_data(host, memoryview(hbuf))
+            self._write_cow(host, hbuf)
         self._write_data(host + head, view)
         if tail_start < tail_end:
             tbuf = bytearray(tail_end - tail_start)
             self._read_layer(tail_start, memoryview(tbuf))
-            self._write_data(host + (tail_start - base), memoryview(tbuf))
+            self._write_cow(host + (tail_start - base), tbuf)
         for i in range(ncl):
             idx = (first_cl + i) & mask
             old = table[idx]
@@ -808,6 +823,13 @@ class WritableQcow2Image(Qcow2Image):
                         self.dirty = False
             finally:
                 super().close()
+
+
+_ZEROS = bytes(1 << 16)
+
+
+def _zeros(n: int) -> bytes:
+    return _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
 
 
 def _is_zero_alloc_copied(e: int) -> bool:
