@@ -361,11 +361,11 @@ class WritableQcow2Image(Qcow2Image):
         files show."""
         store = self.data_store
         n = len(buf)
-        if (n >= 4096 and host >= store.size() and buf == _zeros(n)
-                and store.allocate(host, n)):
+        if n >= 4096 and host >= store.size() and buf == _zeros(n):
             self._check_overlap(host, n)
-            self._data_dirty = True
-            return
+            if store.allocate(host, n):
+                self._data_dirty = True
+                return
         self._write_data(host, memoryview(buf))
 
     def _allocating_write(self, table: array[int], offset: int, view: memoryview) -> None:
