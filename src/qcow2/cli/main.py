@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "io": ("qcow2.cli.io", "run qemu-io style commands on an image"),
     "resize": ("qcow2.cli.resize", "grow or shrink an image"),
     "dd": ("qcow2.cli.dd", "copy an image block by block, converting its format"),
+    "check": ("qcow2.cli.check", "check an image for consistency, optionally repair it"),
 }
 
 
