@@ -11,7 +11,12 @@ share of the run). Workloads run in-process on the corpus of bench/corpus.py:
     read-<kind>    img.readinto() of the whole plain / zlib / zstd image in 4 MiB chunks
     convert-<kind> `qcow2 convert -m 1 -O raw` via qcow2.cli.main.main() (one worker thread:
                    cProfile only sees the thread that enabled it)
+    convert-raw-to-qcow2  `qcow2 convert -m 1 -O qcow2` of the raw ext4 image
     map-huge       `qcow2 map --output=json -l N` (N as for extents-huge), stdout discarded
+    write-<n>k-<mode>  the write rows of run.py: img.write() of 4 KiB / 64 KiB buffers at the
+                   offsets `qemu-img bench -w` uses, then flush; "alloc" into a fresh empty
+                   image (made by qemu-img create in the untimed setup step), "inplace" into
+                   a metadata-preallocated image that a first run has already written
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import importlib.util
 import io
 import os
 import pstats
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +39,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
 sys.path.insert(0, str(BENCH_DIR))
 
+import api  # noqa: E402
 import corpus as corpus_mod  # noqa: E402
 import qcow2  # noqa: E402
+import run as run_mod  # noqa: E402
 
 
 def _has_cli(cmd: str) -> bool:
@@ -71,6 +79,21 @@ def w_cli(argv: list[str]) -> Callable[[], object]:
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             return main(argv)
     return run
+
+
+def w_write(path: Path, size: int, step: int, count: int) -> Callable[[], object]:
+    def run() -> object:
+        return api.cmd_write(str(path), size, step, count, 0, int(run_mod.WRITE_PATTERN, 0))
+    return run
+
+
+def creator(path: Path, vsize: int, *opts: str) -> Callable[[], None]:
+    """Setup step: a fresh image, as qemu-img creates it (not timed)."""
+    def setup() -> None:
+        path.unlink(missing_ok=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *opts, str(path),
+                        str(vsize)], check=True)
+    return setup
 
 
 def remover(path: Path) -> Callable[[], None]:
@@ -152,10 +175,25 @@ def main(argv: list[str] | None = None) -> int:
             work.append((f"convert-{kind}", w_cli(
                 ["convert", "-m", "1", "-O", "raw", str(getattr(c, kind)),
                  f"{tmpdir}/out.raw"]), remover(Path(tmpdir, "out.raw"))))
+        if c.raw is not None:
+            work.append(("convert-raw-to-qcow2", w_cli(
+                ["convert", "-m", "1", "-O", "qcow2", str(c.raw), f"{tmpdir}/out.qcow2"]),
+                remover(Path(tmpdir, "out.qcow2"))))
     if _has_cli("map"):
         work.append(("map-huge", w_cli(["map", "--output=json", "-l",
                                         str(corpus_mod.parse_size(a.huge_bytes)),
                                         str(c.huge)]), None))
+    vsize = run_mod.virtual_size(c.plain)
+    step = run_mod.spread_step(vsize)
+    count = min(vsize // run_mod.CLUSTER, run_mod.WRITE_COUNT_CAP)
+    wimg, pimg = Path(tmpdir, "w.qcow2"), Path(tmpdir, "p.qcow2")
+    for size in (4 << 10, 64 << 10):
+        work.append((f"write-{size >> 10}k-alloc", w_write(wimg, size, step, count),
+                     creator(wimg, vsize)))
+        # in place: the first (warm) run writes every offset; profile() reruns it
+        work.append((f"write-{size >> 10}k-inplace", w_write(pimg, size, step, count),
+                     None))
+    made_p = False
     if a.only:
         pre = tuple(a.only.split(","))
         work = [w for w in work if w[0].startswith(pre)]
@@ -163,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, fn, setup in work:
             print(f"[hotspots] {name} ...", file=sys.stderr, flush=True)
+            if "inplace" in name and not made_p:
+                creator(pimg, vsize, "-o", "preallocation=metadata")()
+                made_p = True
             results.append(profile(name, fn, setup))
     finally:
         for f in Path(tmpdir).iterdir():

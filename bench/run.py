@@ -124,7 +124,7 @@ class Timing:
     runs: list[float] = field(default_factory=list)
     error: str | None = None
     foreign: float = 0.0  # cores' worth of CPU other processes used while this was timed
-    rss: int = 0  # peak RSS (ru_maxrss, bytes), the highest of all runs
+    rss: int = 0  # peak RSS (bytes): ru_maxrss of the warm-up run, through GNU time
     anon: int = 0  # peak anonymous RSS (bytes), sampled during the warm-up run
 
 
@@ -132,12 +132,25 @@ class Timing:
 class Run:
     wall: float
     cpu: float  # user+sys of the child (and the children it waited for)
-    rss: int  # ru_maxrss of the child, bytes: includes mapped file pages (page cache)
+    rss: int  # ru_maxrss of the command, bytes: includes mapped file pages (page cache)
     anon: int  # sampled peak RssAnon, bytes (0 unless sampled)
     error: str | None
 
 
 SAMPLE_EVERY = 0.002  # seconds between /proc/PID/status reads in a sampled run
+# ru_maxrss of a child we start ourselves is at least *our* peak RSS (~20 MiB): Linux keeps
+# the high-water mark of the memory the child had before exec (vfork: ours). GNU time forks
+# from a 2 MiB process, so its %M (its child's ru_maxrss) is the command's own peak.
+GNU_TIME = shutil.which("time", path="/usr/bin:/bin")
+
+
+def _child_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = f.read().split()
+    except OSError:
+        return None
+    return int(kids[0]) if kids else None
 
 
 def _rss_anon(pid: int) -> int:
@@ -156,9 +169,9 @@ class Runner:
         self.cache: dict[tuple[str, ...], Timing] = {}
 
     def once(self, c: Cmd, capture: Path | None = None, sample: bool = False) -> Run:
-        """Run c (its setup first, untimed). sample: also poll the child's RssAnon (the
-        peak private memory, which ru_maxrss cannot tell apart from mapped page cache); the
-        polling runs in this process, so sampled runs are not timed ones."""
+        """Run c (its setup first, untimed). sample: measure memory instead of time: run c
+        under GNU time (for its exact ru_maxrss) and poll its RssAnon (the peak private
+        memory, which ru_maxrss cannot tell apart from mapped page cache)."""
         if c.output is not None and c.output.exists():
             c.output.unlink()
         for argv in c.setup:
@@ -173,16 +186,24 @@ class Runner:
             stdout: Any = (stack.enter_context(open(capture, "wb")) if capture
                            else subprocess.DEVNULL)
             errf = stack.enter_context(tempfile.TemporaryFile())
+            timef = (stack.enter_context(tempfile.NamedTemporaryFile("r"))
+                     if sample and GNU_TIME else None)
+            argv = ([GNU_TIME, "-f", "%M", "-o", timef.name, *c.argv] if timef  # type: ignore[list-item]
+                    else c.argv)
             anon = 0
             t0 = time.perf_counter()
-            p = subprocess.Popen(c.argv, stdin=stdin, stdout=stdout, stderr=errf,
+            p = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=errf,
                                  env=c.env if c.env is not None else ENV)
             if sample:
+                target = None if timef else p.pid
                 while True:
                     pid, status, ru = os.wait4(p.pid, os.WNOHANG)
                     if pid:
                         break
-                    anon = max(anon, _rss_anon(p.pid))
+                    if target is None:
+                        target = _child_pid(p.pid)
+                    if target is not None:
+                        anon = max(anon, _rss_anon(target))
                     time.sleep(SAMPLE_EVERY)
             else:
                 _, status, ru = os.wait4(p.pid, 0)
@@ -190,11 +211,15 @@ class Runner:
             p.returncode = os.waitstatus_to_exitcode(status)
             errf.seek(0)
             stderr = errf.read()
+            maxrss = ru.ru_maxrss << 10
+            if timef:
+                lines = timef.read().split()
+                maxrss = int(lines[-1]) << 10 if lines and lines[-1].isdigit() else 0
         err = None
         if p.returncode != 0:
             lines = stderr.decode(errors="replace").strip().splitlines()
             err = f"exit {p.returncode}: {lines[-1] if lines else ''}"[:200]
-        return Run(dt, ru.ru_utime + ru.ru_stime, ru.ru_maxrss << 10, anon, err)
+        return Run(dt, ru.ru_utime + ru.ru_stime, maxrss, anon, err)
 
     def compare(self, a: Cmd, b: Cmd, repeat: int) -> tuple[Timing, Timing]:
         """Warm both, then alternate a/b `repeat` times; commands timed before are reused."""
@@ -222,7 +247,6 @@ class Runner:
                     t.error = r.error
                     continue
                 t.runs.append(dt)
-                t.rss = max(t.rss, r.rss)
                 if dt < t.best:
                     t.best, t.cpu = dt, r.cpu
         for c in (a, b):
@@ -570,10 +594,10 @@ def render(rows: list[Row], info: dict[str, str], imp: dict[str, object] | None,
            f"Best of {repeat} (start-up rows: best of {repeat_startup}) wall-clock runs after one "
            "untimed warm-up per command; CPU = user+sys of that best run. "
            "Ratio = ours / qemu (lower is better). Noise = cores' worth of CPU used by other "
-           "processes while the row ran (0 = quiet machine). Peak RSS = the child's "
-           "ru_maxrss, highest of all runs (it counts mapped file pages: our convert maps "
-           "its source, so its RSS includes page cache). Private = peak RssAnon, sampled "
-           f"every {SAMPLE_EVERY * 1000:.0f} ms during the warm-up run. Python children run with a "
+           "processes while the row ran (0 = quiet machine). Peak RSS = ru_maxrss of the "
+           "warm-up run (under GNU time); it counts mapped file pages (our convert maps its "
+           "source, so its RSS includes page cache). Private = peak RssAnon, sampled "
+           f"every {SAMPLE_EVERY * 1000:.0f} ms during the same run. Python children run with a "
            "bytecode cache (as after `pip install`).", "",
            "| row | ours | qemu | ratio | CPU ours / qemu | peak RSS ours / qemu "
            "| private ours / qemu | noise | notes |",
