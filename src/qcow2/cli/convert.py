@@ -23,11 +23,10 @@ _NO_CREATE = ("bochs", "cloop", "dmg", "vvfat", "blkdebug", "blklogwrites", "blk
               "compress", "copy-before-write", "copy-on-read", "null-aio", "null-co",
               "preallocate", "quorum", "replication", "snapshot-access", "throttle")
 _UNSUPPORTED_FLAGS = (
-    ("compress", "-c"), ("copy_range", "-C"), ("no_create", "-n"), ("backing", "-B"),
-    ("backing_fmt", "-F"), ("rate", "-r"), ("objects", "--object"),
+    ("compress", "-c"), ("copy_range", "-C"), ("rate", "-r"), ("objects", "--object"),
     ("image_opts", "--image-opts"), ("target_image_opts", "--target-image-opts"),
-    ("target_is_zero", "--target-is-zero"), ("bitmaps", "--bitmaps"),
-    ("skip_broken", "--skip-broken-bitmaps"), ("salvage", "--salvage"),
+    ("bitmaps", "--bitmaps"), ("skip_broken", "--skip-broken-bitmaps"),
+    ("salvage", "--salvage"),
 )
 SNAPSHOT_OPT_BASE = "snapshot."
 
@@ -52,18 +51,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="target cache mode (default unsafe: no flush)")
     parser.add_argument("-T", dest="src_cache", metavar="src_cache", default="writeback",
                         help="source cache mode")
+    parser.add_argument("-n", dest="no_create", action="store_true",
+                        help="write into an existing output image (not created)")
+    parser.add_argument("-B", dest="backing", metavar="backing_file",
+                        help="the output image's backing file: what the source's top layer "
+                             "leaves unallocated is not written")
+    parser.add_argument("-F", dest="backing_fmt", metavar="backing_fmt",
+                        help="the backing file's format")
+    parser.add_argument("--target-is-zero", action="store_true",
+                        help="with -n: the output reads as zero, zero areas need no write")
+    parser.add_argument("-o", dest="options", action="append", metavar="options",
+                        help="output image creation options")
     # qemu-img options that are not implemented yet: refused with a clear message.
     parser.add_argument("-c", dest="compress", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("-C", dest="copy_range", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("-n", dest="no_create", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("-B", dest="backing", help=argparse.SUPPRESS)
-    parser.add_argument("-F", dest="backing_fmt", help=argparse.SUPPRESS)
-    parser.add_argument("-o", dest="options", action="append", help=argparse.SUPPRESS)
     parser.add_argument("-r", dest="rate", help=argparse.SUPPRESS)
     parser.add_argument("--object", dest="objects", action="append", help=argparse.SUPPRESS)
     parser.add_argument("--image-opts", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--target-image-opts", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--target-is-zero", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bitmaps", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--skip-broken-bitmaps", dest="skip_broken", action="store_true",
                         help=argparse.SUPPRESS)
@@ -208,6 +213,10 @@ def run(args: argparse.Namespace) -> int:
             sn_opts = (*parse_snapshot_param(args.snapshot), False)
         else:
             snapshot_name = args.snapshot
+    if args.no_create and args.options:
+        return fail("-o has no effect when skipping image creation")
+    if args.target_is_zero and not args.no_create:
+        return fail("--target-is-zero requires use of -n flag")
     if len(args.files) < 2:
         raise UsageError("Must specify image file name")
     if not check_cache(args.src_cache):
@@ -231,7 +240,7 @@ def _convert(args: argparse.Namespace, min_sparse: int, workers_cap: int | None,
              sn_opts: Snapshot | None, snapshot_name: str | None, progress: Progress) -> bool:
     from ..engine.open import open_image
     from ..errors import Qcow2Error
-    from ..ops.convert import ConvertError, ConvertOptions, RawTarget, Source, convert
+    from ..ops.convert import ConvertError, ConvertOptions, Source, convert
 
     src_names: list[str] = args.files[:-1]
     out_name: str = args.files[-1]
@@ -264,58 +273,21 @@ def _convert(args: argparse.Namespace, min_sparse: int, workers_cap: int | None,
             src.reopen = _reopener(src.name, fmt, snap if i == 0 else None)
 
         out_fmt: str = args.out_fmt
-        image_out = out_fmt in ("qcow2", "qcow")
-        create_opts: dict[str, str] = {}
-        if args.options:
-            if not image_out:
-                fail(f"convert -o with -O {out_fmt} is not supported yet")
-                return False
-            from ..ops.create import CreateError, parse_create_options
-
-            try:
-                # qemu-img joins repeated -o options with commas.
-                create_opts = parse_create_options(out_fmt, ",".join(args.options))
-            except CreateError as e:
-                fail(e.message)
-                return False
-        if out_fmt not in ("raw", "file") and not image_out:
-            if out_fmt in _CREATABLE_LATER:
-                fail(f"convert -O {out_fmt} is not supported yet (raw, qcow2 and qcow only)")
-            elif out_fmt in _NO_CREATE:
-                fail(f"Format driver '{out_fmt}' does not support image creation")
-            else:
-                fail(f"Unknown file format '{out_fmt}'")
-            return False
-
         total = sum(s.length for s in sources)
-        if _is_source_file(out_name, sources):
-            # QEMU's image locking refuses this; without it the source would be destroyed
-            fail(f"{out_name}: error while converting raw: Failed to get \"write\" lock\n"
-                 f"Is another process using the image [{out_name}]?")
-            return False
         target: Any
+        if args.no_create:
+            res = _open_existing(args, out_name, out_fmt, sources, total)
+            if isinstance(res, bool):
+                return res
+            target = res
+        else:
+            made = _create_target(args, out_name, out_fmt, sources, total)
+            if made is None:
+                return False
+            target = made
         try:
-            if image_out:
-                from ..ops.convert_target import ImageTarget
-                from ..ops.create import CreateError
-
-                try:
-                    target = ImageTarget(out_name, out_fmt, total, create_opts, args.cache)
-                except CreateError as e:
-                    fail(f"{out_name}: error while converting {out_fmt}: {e.message}"
-                         if e.prefixed else e.message)
-                    return False
-                except (Qcow2Error, OSError) as e:
-                    fail(open_failure(out_name, e))
-                    return False
-            else:
-                target = RawTarget(out_name, total, cache=args.cache)
-        except ConvertError as e:
-            fail(str(e))
-            return False
-        try:
-            # qemu-img checks the target cache mode only after creating the target.
-            if not check_cache(args.cache):
+            if not args.no_create and not check_cache(args.cache):
+                # qemu-img checks the target cache mode only after creating the target.
                 fail(f"Invalid cache option: {args.cache}")
                 return False
             from ..ops.convert import default_workers
@@ -324,7 +296,9 @@ def _convert(args: argparse.Namespace, min_sparse: int, workers_cap: int | None,
             if workers_cap is not None:
                 workers = min(workers, workers_cap)
             opts = ConvertOptions(min_sparse=min_sparse, workers=workers,
-                                  progress=progress)
+                                  progress=progress,
+                                  target_has_backing=_backing_name(args) is not None,
+                                  backing_end=getattr(target, "backing_end", None))
             try:
                 convert(sources, target, opts)
             except ConvertError as e:
@@ -341,6 +315,150 @@ def _convert(args: argparse.Namespace, min_sparse: int, workers_cap: int | None,
     finally:
         for s in sources:
             s.device.close()
+
+
+def _backing_name(args: argparse.Namespace) -> str | None:
+    """qemu-img's out_baseimg: -B, or when creating, -o backing_file (after -B is merged into
+    the creation options by _create_target)."""
+    if args.no_create:
+        return args.backing  # type: ignore[no-any-return]
+    return getattr(args, "create_backing", None)
+
+
+def _backing_checks(args: argparse.Namespace, sources: list[Source]) -> bool | None:
+    """The checks qemu-img makes once it knows whether the target has a backing file.
+
+    None: carry on. A bool: stop with that success value, since qemu-img 7.2 reports
+    --target-is-zero with a backing file but still exits with status 0 (the error path
+    keeps the return value of the last successful step).
+    """
+    backing = _backing_name(args)
+    if args.target_is_zero and backing is not None:
+        fail("Cannot use --target-is-zero when the destination image has a backing file")
+        return True
+    if len(sources) > 1 and backing is not None:
+        fail("Having a backing file for the target makes no sense when concatenating "
+             "multiple input images")
+        return False
+    return None
+
+
+def _create_target(args: argparse.Namespace, out_name: str, out_fmt: str,
+                   sources: list[Source], total: int) -> Any:
+    """Create the target as qemu-img does (None after an error message)."""
+    from ..errors import Qcow2Error
+    from ..ops.convert import ConvertError, RawTarget
+
+    image_out = out_fmt in ("qcow2", "qcow")
+    if out_fmt not in ("raw", "file") and not image_out:
+        if out_fmt in _CREATABLE_LATER:
+            fail(f"convert -O {out_fmt} is not supported yet (raw, qcow2 and qcow only)")
+        elif out_fmt in _NO_CREATE:
+            fail(f"Format driver '{out_fmt}' does not support image creation")
+        else:
+            fail(f"Unknown file format '{out_fmt}'")
+        return None
+    create_opts: dict[str, str] = {}
+    if args.options:
+        if not image_out:
+            fail(f"convert -o with -O {out_fmt} is not supported yet")
+            return None
+        from ..ops.create import CreateError, parse_create_options
+
+        try:
+            # qemu-img joins repeated -o options with commas.
+            create_opts = parse_create_options(out_fmt, ",".join(args.options))
+        except CreateError as e:
+            fail(e.message)
+            return None
+    # add_old_style_options(): -B and -F override -o backing_file and backing_fmt.
+    if args.backing is not None:
+        if not image_out:
+            fail(f"Backing file not supported for file format '{out_fmt}'")
+            return None
+        create_opts["backing_file"] = args.backing
+    if args.backing_fmt is not None:
+        if not image_out:
+            fail(f"Backing file format not supported for file format '{out_fmt}'")
+            return None
+        create_opts["backing_fmt"] = args.backing_fmt
+    args.create_backing = create_opts.get("backing_file")
+    stop = _backing_checks(args, sources)
+    if stop is not None:
+        return None
+    if args.create_backing is not None and "backing_fmt" not in create_opts:
+        fail("Use of backing file requires explicit backing format")
+        return None
+
+    if _is_source_file(out_name, sources):
+        # QEMU's image locking refuses this; without it the source would be destroyed
+        fail(f"{out_name}: error while converting {out_fmt}: Failed to get \"write\" lock\n"
+             f"Is another process using the image [{out_name}]?")
+        return None
+    try:
+        if image_out:
+            from ..ops.convert_target import ImageTarget
+            from ..ops.create import CreateError
+
+            try:
+                return ImageTarget(out_name, out_fmt, total, create_opts, args.cache)
+            except CreateError as e:
+                fail(f"{out_name}: error while converting {out_fmt}: {e.message}"
+                     if e.prefixed else e.message)
+                return None
+            except (Qcow2Error, OSError) as e:
+                fail(open_failure(out_name, e))
+                return None
+        return RawTarget(out_name, total, cache=args.cache)
+    except ConvertError as e:
+        fail(str(e))
+        return None
+
+
+def _open_existing(args: argparse.Namespace, out_name: str, out_fmt: str,
+                   sources: list[Source], total: int) -> Any:
+    """-n: open the existing target as `out_fmt` (never probed). A bool: stop with that
+    success value (after a message)."""
+    from ..errors import Qcow2Error
+    from ..ops.convert import ConvertError, RawTarget
+
+    stop = _backing_checks(args, sources)
+    if stop is not None:
+        return stop
+    if not check_cache(args.cache):
+        fail(f"Invalid cache option: {args.cache}")
+        return False
+    if out_fmt not in ("qcow2", "qcow") and (out_fmt in _CREATABLE_LATER or out_fmt in _NO_CREATE):
+        fail(f"convert -n -O {out_fmt} is not supported yet (raw, qcow2 and qcow only)")
+        return False
+    if out_fmt not in ("raw", "file", "qcow2", "qcow"):
+        fail(f"Could not open '{out_name}': Unknown driver '{out_fmt}'")
+        return False
+    if _is_source_file(out_name, sources):
+        fail(f"Could not open '{out_name}': Failed to get \"write\" lock\n"
+             f"Is another process using the image [{out_name}]?")
+        return False
+    target: Any
+    try:
+        if out_fmt in ("qcow2", "qcow"):
+            from ..ops.convert_target import ImageTarget
+
+            target = ImageTarget(out_name, out_fmt, total, {}, args.cache, create=False,
+                                 zero_init=args.target_is_zero)
+        else:
+            target = RawTarget(out_name, total, cache=args.cache, create=False,
+                               zero_init=args.target_is_zero)
+    except ConvertError as e:
+        fail(str(e))
+        return False
+    except (Qcow2Error, OSError) as e:
+        fail(open_failure(out_name, e))
+        return False
+    if target.length < total:
+        target.close()
+        fail("output file is smaller than input file")
+        return False
+    return target
 
 
 def _is_source_file(path: str, sources: list[Source]) -> bool:

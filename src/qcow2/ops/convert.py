@@ -10,7 +10,9 @@ The pipeline, with the qemu-img 7.2 function each stage follows:
 3. zero detection: the buffer is scanned for zero sectors and split into runs to write and
    holes to skip (`is_allocated_sectors_min`, vectorised with numpy);
 4. write: the target writes data runs; holes and BLK_ZERO cost nothing when the target reads
-   as zero after creation (`has_zero_init`), else they are written as zeros (-S 0).
+   as zero after creation (`has_zero_init`), else they are zero writes; with -S 0 they are
+   written as zero buffers. For a target with a backing file (-B) only the sources' top
+   layers are asked, and what they leave unallocated is not written (BLK_BACKING_FILE).
 
 Stages 2-3 run in worker threads, each with its own opened copy of every source (the engine's
 caches are per image), so that decompression and zero detection overlap with the writes:
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import CorruptImageError, Qcow2Error
+from ..io import _punch
 
 if TYPE_CHECKING:
     from ..engine.device import BlockDevice
@@ -133,11 +136,19 @@ def corruption_lines(e: BaseException) -> list[str]:
     return []
 
 
-def plan_runs(sources: Sequence[Source]) -> list[Run]:
+def plan_runs(sources: Sequence[Source], *, top_only: bool = False,
+              backing_end: int | None = None) -> list[Run]:
     """The status runs of all sources, as convert_iteration_sectors() walks them.
 
     qemu-img works in whole sectors: a run ending inside a sector (a raw file's end, a short
     backing file) is rounded up, and the next status query starts at that sector boundary.
+
+    `top_only` is for a target with a backing file (-B): only the sources' top layers are
+    asked (bdrv_block_status), and what they leave unallocated (BLK_BACKING_FILE) is not
+    written, so that the target's backing file shows through. `backing_end` is then the
+    length of that backing file in bytes, when known: queries stop there, and zeros beyond
+    it need no write either, since an unallocated target range past its backing file's end
+    reads as zero.
     """
     runs: list[Run] = []
     base = 0
@@ -147,29 +158,102 @@ def plan_runs(sources: Sequence[Source]) -> list[Run]:
         files = src.host_files()
         pos = 0
         try:
-            for e in src.device.extents(0, length) if length else ():
-                e_end = min(e.start + e.length, length)
+            for e_start, e_end, kind, h_off, fname in _statuses(src.device, length, top_only,
+                                                                  backing_end, base):
+                e_end = min(e_end, length)
                 if e_end <= pos:
                     continue
                 end = min(length, -(-e_end // SECTOR) * SECTOR)
-                data = not e.zero
+                data = kind == _DATA
+                skip = kind == _BACKING or (kind == _ZERO and backing_end is not None
+                                            and base + pos >= backing_end)
                 host: tuple[int, int] | None = None
-                if (data and e.host_offset is not None and e.filename in files
-                        and end <= e_end):
-                    host = (files[e.filename], e.host_offset - e.start)
+                if data and h_off is not None and fname in files and end <= e_end:
+                    host = (files[fname], h_off - e_start)
                 # qemu-img shortens a run that ends inside a cluster to the cluster boundary
                 # and queries the rest separately: the request grid restarts there.
                 cut = end - end % align
                 if pos < cut < end:
-                    _add_run(runs, i, pos, base, cut - pos, data, host)
+                    if not skip:
+                        _add_run(runs, i, pos, base, cut - pos, data, host)
                     pos = cut
-                _add_run(runs, i, pos, base, end - pos, data, host)
+                if not skip:
+                    _add_run(runs, i, pos, base, end - pos, data, host)
                 pos = end
         except (Qcow2Error, OSError) as exc:
             at = _failing_offset(src.device, pos, length, align)
             raise _with_cause(_status_error(at, exc), exc) from None
         base += length
     return runs
+
+
+_DATA, _ZERO, _BACKING = range(3)
+_Status = tuple[int, int, int, int | None, str | None]   # start, end, kind, host, file name
+
+
+def _statuses(dev: BlockDevice, length: int, top_only: bool, backing_end: int | None,
+              base: int) -> Iterator[_Status]:
+    """(start, end, kind, host offset, host file) runs of one source.
+
+    The whole chain as `qemu-img map` sees it, or with `top_only` the top layer alone; split
+    at `backing_end` (a guest offset of the concatenated target, hence `base`), where
+    qemu-img splits its status queries.
+    """
+    if not length:
+        return
+    cut = None if backing_end is None else backing_end - base
+    pieces = [(0, length)]
+    if cut is not None and 0 < cut < length:
+        pieces = [(0, cut), (cut, length - cut)]
+    for start, n in pieces:
+        if not top_only:
+            for e in dev.extents(start, n):
+                yield (e.start, e.start + e.length, _ZERO if e.zero else _DATA,
+                       e.host_offset, e.filename)
+        else:
+            yield from _top_statuses(dev, start, n)
+
+
+def _top_statuses(dev: BlockDevice, start: int, length: int) -> Iterator[_Status]:
+    """bdrv_block_status() of the top layer alone.
+
+    Zero and data are as the layer says. An unallocated stretch reads as zero when there is
+    no backing file or it starts past the backing file's end (the block layer decides by
+    where the run starts); otherwise it is the backing file's. Runs of one kind are merged,
+    data runs only while contiguous in one host file, as the chain-wide extents are.
+    """
+    from ..engine.device import STATUS_DATA, STATUS_OFFSET_VALID, STATUS_ZERO
+
+    backing = dev.backing
+
+    def resolved(c: list[Any]) -> _Status:
+        kind = c[2]
+        if kind == _BACKING and (backing is None or c[0] >= backing.virtual_size):
+            kind = _ZERO
+        return (c[0], c[1], kind, c[3], c[4])
+
+    cur: list[Any] | None = None    # start, end, kind, host offset, host file
+    for run in dev.layer_status(start, length):
+        if run.status & STATUS_ZERO:
+            kind = _ZERO
+        elif run.status & STATUS_DATA:
+            kind = _DATA
+        else:
+            kind = _BACKING
+        off = run.host_offset if kind == _DATA and run.status & STATUS_OFFSET_VALID else None
+        fname = run.store.name if off is not None and run.store is not None else None
+        end = run.start + run.length
+        if cur is not None and cur[2] == kind and (
+                kind != _DATA or (cur[3] is None and off is None)
+                or (cur[3] is not None and off is not None and cur[4] == fname
+                    and cur[3] + (cur[1] - cur[0]) == off)):
+            cur[1] = end
+            continue
+        if cur is not None:
+            yield resolved(cur)
+        cur = [run.start, end, kind, off, fname]
+    if cur is not None:
+        yield resolved(cur)
 
 
 def _failing_offset(dev: BlockDevice, start: int, end: int, align: int) -> int:
@@ -356,13 +440,18 @@ CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe
 
 
 class RawTarget:
-    """A raw file created like QEMU's file driver does (bdrv_create for `raw`)."""
+    """A raw file created like QEMU's file driver does (bdrv_create for `raw`), or with
+    `create=False` (-n) an existing file or device, written in place; `zero_init` then says
+    whether it may be assumed to read as zero (--target-is-zero)."""
 
     def __init__(self, path: str, size: int, *, cache: str = "unsafe", create: bool = True,
                  zero_init: bool = True) -> None:
         self.path = path
         self.size = size
         self.flush_on_close = cache != "unsafe"
+        # convert opens an existing target with BDRV_O_UNMAP, so the file driver punches
+        # holes for zero writes; a new file reads as zero and is never asked to.
+        self.punch = not create
         flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
         if create:
             try:
@@ -379,8 +468,16 @@ class RawTarget:
             try:
                 self.fd = os.open(path, flags)
             except OSError as e:
-                raise ConvertError(f"Could not open '{path}': {io_reason(e)}") from None
-            self.has_zero_init = False
+                # the file protocol's own "Could not open" follows the block layer's
+                raise ConvertError(f"Could not open '{path}': Could not open '{path}': "
+                                   f"{io_reason(e)}") from None
+            self.has_zero_init = zero_init
+
+    @property
+    def length(self) -> int:
+        """The current length in bytes, rounded up to whole sectors as the block layer does."""
+        end = os.lseek(self.fd, 0, os.SEEK_END)
+        return -(-end // SECTOR) * SECTOR
 
     def _create(self, size: int) -> bool:
         """raw_co_create(): clear and resize a regular file; True if it then reads as zero."""
@@ -411,6 +508,8 @@ class RawTarget:
             done += os.pwrite(self.fd, data[done:], offset + done)
 
     def write_zeroes(self, offset: int, length: int) -> None:
+        if self.punch and _punch(self.fd, offset, length):
+            return
         while length > 0:
             n = min(length, len(_ZERO_BUF))
             self.write(offset, memoryview(_ZERO_BUF)[:n])
@@ -435,6 +534,10 @@ class ConvertOptions:
     batch_bytes: int = BATCH_BYTES         # bytes read at once by a worker
     workers: int = 0                       # 0: choose from the CPU count
     progress: Progress | None = None
+    # The target has a backing file (-B): ranges the sources' top layers leave unallocated
+    # are not written. `backing_end`: that file's length in bytes, when the target is new.
+    target_has_backing: bool = False
+    backing_end: int | None = None
 
 
 @dataclass
@@ -469,7 +572,8 @@ class _Copier:
         self._mmaps: dict[int, mmap.mmap | None] = {}
         self._free: list[bytearray] = []
         # convert_do_copy(): zero initialisation is only relied on when holes are wanted.
-        self.zero_init = target.has_zero_init and opts.min_sparse != 0
+        self.zero_init = (target.has_zero_init and opts.min_sparse != 0
+                          and not opts.target_has_backing)
 
     # ------------------------------------------------------------------ worker side
     def _device(self, src: int) -> BlockDevice:
@@ -497,6 +601,15 @@ class _Copier:
     def scan(self, b: Batch) -> _Scanned:
         """Read a batch and find what to write (no target I/O here)."""
         if not b.data:
+            if not self.opts.min_sparse:
+                # -S 0: qemu-img writes zero buffers, which allocate like any data
+                res = _Scanned(b, [], [])
+                pos = 0
+                while pos < b.length:
+                    n = min(b.length - pos, len(_ZERO_BUF))
+                    res.writes.append((b.offset + pos, memoryview(_ZERO_BUF)[:n]))
+                    pos += n
+                return res
             zeroes = [] if self.zero_init else [(b.offset, b.length)]
             return _Scanned(b, [], zeroes)
         buf: bytearray | None = None
@@ -587,10 +700,19 @@ class _Copier:
         target = self.target
         offset = res.batch.offset
         try:
-            for offset, view in res.writes:
-                target.write(offset, view)
-            for offset, length in res.zeroes:
-                target.write_zeroes(offset, length)
+            if not res.zeroes:
+                for offset, view in res.writes:
+                    target.write(offset, view)
+            else:
+                # In guest order, as convert_co_write() goes: where a zero write allocates
+                # (a partial cluster over backing data, qcow v1) the layout depends on it.
+                ops: list[tuple[int, memoryview | int]] = [*res.writes, *res.zeroes]
+                ops.sort(key=lambda op: op[0])
+                for offset, what in ops:
+                    if isinstance(what, int):
+                        target.write_zeroes(offset, what)
+                    else:
+                        target.write(offset, what)
         except OSError as e:
             raise _with_cause(ConvertError(
                 f"error while writing at byte {offset}: {io_reason(e)}"), e) from None
@@ -653,7 +775,7 @@ def convert(sources: Sequence[Source], target: Target, opts: ConvertOptions | No
     """
     opts = opts or ConvertOptions()
     progress = opts.progress
-    runs = plan_runs(sources)
+    runs = plan_runs(sources, top_only=opts.target_has_backing, backing_end=opts.backing_end)
     zeros_too = not opts.min_sparse
     # convert_do_copy() counts the sectors it will copy first: the progress denominator.
     allocated = sum(r.length for r in runs if r.data or zeros_too)
