@@ -44,11 +44,24 @@ class WritableQcow2Image(Qcow2Image):
     def __init__(self, store: ByteStore, filename: str, *, l2_cache_size: int | None = None
                  ) -> None:
         super().__init__(store, filename, readonly=False, l2_cache_size=l2_cache_size)
-        h = self.header
+        # --- dirty open (engine/check.py) -------------------------------------------------
+        # A dirty image (lazy refcounts, not closed cleanly) has refcounts that may be too
+        # low: QEMU repairs it (check with fix-errors|fix-leaks) on every read-write open and
+        # refuses the open if that fails. The repair may rewrite the refcount structure, L1/L2
+        # entries and the header, so everything read from the image is read again.
+        from .check import CheckResult, check_store
+
+        self.repair_result: CheckResult | None = None
         if self.dirty:
-            raise UnsupportedFeatureError(
-                "Image is dirty (lazy refcounts): repair it with 'qemu-img check -r all' "
-                "before opening it read-write")
+            res = check_store(store, filename, "all")
+            if res.failure is not None or res.check_errors:
+                raise CorruptImageError(
+                    f"Could not repair dirty image: {res.failure or 'Input/output error'}",
+                    fatal=False)
+            super().__init__(store, filename, readonly=False, l2_cache_size=l2_cache_size)
+            self.repair_result = res
+        # --- end of dirty open ------------------------------------------------------------
+        h = self.header
         if self.loaded_snapshot is not None:
             raise UnsupportedFeatureError("cannot write to a loaded snapshot")
         self.refcounts = Refcounts(store, h.cluster_bits, h.refcount_order,
