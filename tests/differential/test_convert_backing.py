@@ -298,3 +298,29 @@ def test_errors_like_qemu(chain: Path, argv: list[str]) -> None:
         assert mine.exists() == f.exists(), f.name
         if f.name.startswith("e."):
             assert mine.stat().st_size == f.stat().st_size, f.name
+
+
+def test_backing_is_the_target_itself(chain: Path) -> None:
+    # QEMU creates the image, then cannot open it as its own backing file (its lock); we
+    # give the same message without creating it first.
+    argv = ["-O", "qcow2", "-B", "self.qcow2", "-F", "qcow2", "top.qcow2", "self.qcow2"]
+    q = theirs(*argv, cwd=chain)
+    (chain / "self.qcow2").unlink()
+    o = ours(*argv, cwd=chain)
+    assert (o.returncode, _as_qemu(o.stderr)) == (q.returncode, q.stderr) == (1, q.stderr)
+
+
+def test_backing_raw_file(chain: Path) -> None:
+    qemu_img("convert", "-O", "raw", "base.qcow2", "base.raw", cwd=chain)
+    _both(chain, "-O", "qcow2", "-B", "base.raw", "-F", "raw", "top.qcow2")
+    _same(chain, "qemu-out.qcow2", "ours-out.qcow2")
+
+
+def test_no_create_concatenated(chain: Path) -> None:
+    a, b = _pair(chain, lambda p: _fill(p, 32 * MiB), "t.raw")
+    argv = ["-n", "solo.qcow2", "top.qcow2", "solo.qcow2"]
+    q = theirs(*argv, a, cwd=chain)
+    o = ours(*argv, b, cwd=chain)
+    assert (o.returncode, o.stderr) == (q.returncode, q.stderr) == (0, "")
+    _same(chain, a, b)
+    assert data_map(chain / a) == data_map(chain / b)

@@ -395,6 +395,17 @@ def _create_target(args: argparse.Namespace, out_name: str, out_fmt: str,
         fail(f"{out_name}: error while converting {out_fmt}: Failed to get \"write\" lock\n"
              f"Is another process using the image [{out_name}]?")
         return None
+    if args.create_backing:
+        import os
+
+        from ..engine.open import path_combine
+
+        full = path_combine(out_name, args.create_backing)
+        if os.path.realpath(full) == os.path.realpath(out_name):
+            # QEMU creates the image, then its own lock stops it opening itself as backing.
+            fail(f"Could not open '{out_name}': Could not open backing file: Failed to get "
+                 f"shared \"write\" lock\nIs another process using the image [{full}]?")
+            return None
     try:
         if image_out:
             from ..ops.convert_target import ImageTarget
