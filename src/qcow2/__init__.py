@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from .engine.check import CheckResult
 from .engine.device import BlockDevice, Extent
 from .engine.open import Policy, path_combine
 from .errors import (
@@ -32,6 +35,7 @@ __all__ = [
     "BackingChainError",
     "BadPassphraseError",
     "BlockDevice",
+    "CheckResult",
     "CorruptImageError",
     "EncryptionError",
     "Extent",
@@ -45,6 +49,7 @@ __all__ = [
     "ReadOnlyImageError",
     "UnsupportedFeatureError",
     "__version__",
+    "check",
     "create",
     "open",
     "path_combine",
@@ -86,3 +91,26 @@ def create(path: str, size: int | str | None = None, fmt: str = "qcow2", *,
     from .ops.create import create as _create
 
     _create(path, size, fmt, open_backing=open_backing, **options)
+
+
+def check(path: str, repair: Literal["leaks", "all"] | None = None,
+          fmt: str | None = None) -> CheckResult:
+    """Check a qcow2 image's metadata like `qemu-img check` (7.2); repair with "leaks"/"all".
+
+    Returns the counters qemu-img reports (after a repair: those of its second, read-only
+    pass, with the fixed counts of the first) and every diagnostic line of both passes in
+    `messages`. `failure` is set if the check could not complete ("Check failed"). Raises
+    what qcow2.open() raises when the image does not open, and Qcow2Error for formats
+    without a check (raw, qcow).
+    """
+    from .ops.check import OpenFailed
+    from .ops.check import check as _check
+
+    if repair not in (None, "leaks", "all"):
+        raise ValueError(f"repair must be None, 'leaks' or 'all', not {repair!r}")
+    try:
+        report = _check(path, fmt, repair)
+    except OpenFailed as e:
+        raise e.cause from None
+    report.result.messages = report.messages
+    return report.result
