@@ -1,4 +1,5 @@
-"""`qcow2 convert`: qemu-img convert (7.2). Raw output for now; the sources may be any format."""
+"""`qcow2 convert`: qemu-img convert (7.2) to raw, qcow2 or qcow (new or, with -n, existing
+targets; -B for a backing file); the sources may be any format."""
 
 from __future__ import annotations
 
