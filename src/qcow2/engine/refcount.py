@@ -61,6 +61,8 @@ class Refcounts:
         self._capacity = max(4, cache_blocks)
         self.free_cluster_index = 0
         self._pending_decreases: list[tuple[int, int]] = []
+        # told of every new refblock (the writer's metadata overlap set)
+        self.on_new_block: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------------ blocks
     def _load(self, block_offset: int) -> bytearray:
@@ -159,6 +161,8 @@ class Refcounts:
         self.store.flush()
         self.table[rt_index] = block_offset
         self._insert(block_offset, blk)
+        if self.on_new_block is not None:
+            self.on_new_block(block_offset)
 
     def _grow_table(self, needed_index: int) -> None:
         """Place new self-describing refblocks and a larger table past the covered area."""

@@ -67,6 +67,7 @@ class WritableQcow2Image(Qcow2Image):
         self.refcounts = Refcounts(store, h.cluster_bits, h.refcount_order,
                                    h.refcount_table_offset, h.refcount_table_clusters,
                                    self._set_header_reftable)
+        self.refcounts.on_new_block = self._note_metadata
         self._dirty_l2: dict[int, array[int]] = {}
         self._dirty_l1: set[int] = set()
         self._data_dirty = False
@@ -193,9 +194,16 @@ class WritableQcow2Image(Qcow2Image):
         self.l2_cache.get(new)  # cache it (loader returns the dirty table)
         self.l1_table[l1_index] = new | C.QCOW_OFLAG_COPIED
         self._dirty_l1.add(l1_index)
-        self._meta_clusters = None
+        # The overlap set grows by the new table rather than being rebuilt from every table
+        # (a rebuild per new L2 table made allocation quadratic). A COW-replaced table stays
+        # in it: it is still referenced by a snapshot, so no data can be written there.
+        self._note_metadata(new)
         self._ensure_file_covers(new + self.cluster_size)
         return new, t
+
+    def _note_metadata(self, host_offset: int) -> None:
+        if self._meta_clusters is not None:
+            self._meta_clusters.add(host_offset >> self.cluster_bits)
 
     def _ensure_file_covers(self, end: int) -> None:
         if self.store.size() < end:
