@@ -365,6 +365,7 @@ class _Checker:
         self.l1_table = dict(self._nonzero_u64(h.l1_table_offset, h.l1_size))
         self.file_len = store.size()
         self.wrote = False
+        self.dead = False   # a write hit metadata: the image is marked corrupt, as bs->drv=NULL
         self.disk = _DiskRefcounts(np, store, h, h.refcount_table_offset, self.rt_entries)
         self.bitmaps_ext = self._bitmaps_extension(first)
 
@@ -410,6 +411,72 @@ class _Checker:
                 self.say(f"qcow2: Image is corrupt: {msg}; further non-fatal corruption events "
                          "will be suppressed")
         self.disk.signal_messages.clear()
+
+    # ------------------------------------------------------------------ overlap check
+    def overlap(self, offset: int, size: int, ign: str = "") -> str | None:
+        """qcow2_check_metadata_overlap() with QEMU's default "cached" template: the name of
+        the first metadata structure [offset, +size) would hit, else None.
+
+        Uses the state QEMU has in memory during the check (the old refcount table while a
+        rebuild is under way). `ign` names one structure not to check.
+        """
+        np = self.np
+        if not size:
+            return None
+        if offset < self.cs:
+            return "qcow2_header"
+        cs = self.cs
+        size = -(-((offset & (cs - 1)) + size) // cs) * cs
+        offset &= ~(cs - 1)
+
+        def hit(ofs: int, sz: int) -> bool:
+            return offset < ofs + sz and ofs < offset + size
+
+        h = self.h
+        if ign != "active L1 table" and h.l1_size and hit(h.l1_table_offset, h.l1_size * 8):
+            return "active L1 table"
+        if self.rt_entries and hit(h.refcount_table_offset, self.rt_entries * 8):
+            return "refcount table"
+        if self.snapshots_size and hit(self.snapshots_offset, self.snapshots_size):
+            return "snapshot table"
+        for sn in self.snapshots:
+            if sn.l1_size and hit(sn.l1_table_offset, sn.l1_size * 8):
+                return "inactive L1 table"
+
+        def any_hit(offsets: Any) -> bool:
+            offsets = offsets[offsets != 0]
+            return bool(((offsets < u(offset + size)) &
+                         (offsets + u(cs) > u(offset))).any())
+
+        u = np.uint64
+        if ign != "active L2 table" and self.l1_table:
+            l2s = np.array(list(self.l1_table.values()), dtype=np.uint64) & u(C.L1E_OFFSET_MASK)
+            if any_hit(l2s):
+                return "active L2 table"
+        if any_hit(self.disk.table & u(C.REFT_OFFSET_MASK)):
+            return "refcount block"
+        if self.bitmaps_ext is not None:
+            _, dir_size, dir_offset = self.bitmaps_ext
+            if hit(dir_offset, dir_size):
+                return "bitmap directory"
+        return None
+
+    def prevent_overlap(self, offset: int, size: int, ign: str = "") -> bool:
+        """qcow2_pre_write_overlap_check(): True if the write may go ahead. A hit is a fatal
+        corruption: the image is marked corrupt and nothing more is written."""
+        name = self.overlap(offset, size, ign)
+        if name is None:
+            return True
+        msg = f"Preventing invalid write on metadata (overlaps with {name})"
+        if not self.disk.corruption_signalled:
+            self.disk.corruption_signalled = True
+            self.say(f"qcow2: Marking image as corrupt: {msg}; further corruption events "
+                     "will be suppressed")
+        self.h.incompatible_features |= C.QCOW2_INCOMPAT_CORRUPT
+        self.store.pwrite(72, struct.pack(">Q", self.h.incompatible_features))
+        self.store.flush()
+        self.dead = True
+        return False
 
     # ------------------------------------------------------------------ top level
     def run(self) -> _Res:
@@ -952,7 +1019,7 @@ class _Checker:
                                  f"offset={offset:x}: Preallocated cluster is not properly "
                                  "aligned; L2 entry corrupted.")
                         if fix & FIX_ERRORS:
-                            self._fix_l2_entry_by_zero(res, l2_offset, raw, i)
+                            self._fix_l2_entry_by_zero(res, l2_offset, raw, i, active)
                             continue
                     else:
                         self.say(f"ERROR offset={offset:x}: Data cluster is not properly "
@@ -978,7 +1045,8 @@ class _Checker:
             return 3 if self.has_data_file and entry & _COPIED else 0
         return 3
 
-    def _fix_l2_entry_by_zero(self, res: _Res, l2_offset: int, raw: bytes, index: int) -> None:
+    def _fix_l2_entry_by_zero(self, res: _Res, l2_offset: int, raw: bytes, index: int,
+                              active: bool) -> None:
         """fix_l2_entry_by_zero(): the entry becomes zero-plain (its data was zeros anyway)."""
         if self.ext_l2:
             bitmap = int.from_bytes(raw[index * 16 + 8:index * 16 + 16], "big")
@@ -987,6 +1055,11 @@ class _Checker:
             data = struct.pack(">QQ", 0, bitmap)
         else:
             data = struct.pack(">Q", _ZERO)
+        if not self.prevent_overlap(l2_offset + index * self.l2_entry_size, len(data),
+                                    "active L2 table" if active else "inactive L2 table"):
+            self.say("ERROR: Overlap check failed")
+            res.check_errors += 1
+            raise _Fail(EIO)
         self.store.pwrite(l2_offset + index * self.l2_entry_size, data)
         self.store.flush()
         self.wrote = True
@@ -1174,6 +1247,10 @@ class _Checker:
                 if repair:
                     new = l1_entry | _COPIED if refcount == 1 else l1_entry & ~_COPIED
                     self.l1_table[i] = new
+                    if not self.prevent_overlap(self.h.l1_table_offset + 8 * i, 8,
+                                                "active L1 table"):
+                        res.check_errors += 1
+                        raise _Fail(EIO)
                     self.store.pwrite(self.h.l1_table_offset + 8 * i, struct.pack(">Q", new))
                     self.store.flush()
                     self.wrote = True
@@ -1227,6 +1304,11 @@ class _Checker:
                     raw[pos:pos + 8] = struct.pack(">Q", new)
                     dirty += 1
             if dirty:
+                if not self.prevent_overlap(l2_offset, self.cs, "active L2 table"):
+                    self.say("ERROR: Could not write L2 table; metadata overlap check failed: "
+                             f"{EIO}")
+                    res.check_errors += 1
+                    raise _Fail(EIO)
                 self.store.pwrite(l2_offset, bytes(raw))
                 self.store.flush()
                 self.wrote = True
@@ -1328,6 +1410,9 @@ class _Checker:
             vals = np.zeros(pb, dtype=dtype)
             part = self.imrt[rb_start:min(rb_start + pb, self.imrt_size)]
             vals[:len(part)] = part
+            if not self.prevent_overlap(rb_offset, self.cs):
+                self.say(f"ERROR writing refblock: {EIO}", reported=True)
+                raise _Fail(EIO)
             self.store.pwrite(rb_offset, encode_refblock_np(np, vals, self.order))
             cluster = rb_start + pb
         return grown
@@ -1340,16 +1425,23 @@ class _Checker:
         caller's second comparison).
         """
         reftable: list[int] = []
-        self._write_refblocks(0, self.imrt_size, reftable)
-        while True:
-            length = len(reftable) * 8
-            clusters = -(-length // self.cs)
-            first_free = [0]
-            rt_offset = self._alloc_imrt(clusters, first_free)
-            start = rt_offset >> self.cbits
-            if not self._write_refblocks(start, start + clusters, reftable):
-                break
+        try:
+            self._write_refblocks(0, self.imrt_size, reftable)
+            while True:
+                length = len(reftable) * 8
+                clusters = -(-length // self.cs)
+                first_free = [0]
+                rt_offset = self._alloc_imrt(clusters, first_free)
+                start = rt_offset >> self.cbits
+                if not self._write_refblocks(start, start + clusters, reftable):
+                    break
+        except _Fail:
+            res.check_errors += 1
+            raise
         data = struct.pack(f">{len(reftable)}Q", *reftable)
+        if not self.prevent_overlap(rt_offset, len(data)):
+            self.say(f"ERROR writing reftable: {EIO}", reported=True)
+            raise _Fail(EIO)
         self.store.pwrite(rt_offset, data)
         # Refblocks and table must be durable before the header switches to them.
         self.store.flush()
@@ -1394,7 +1486,8 @@ def check_store(store: ByteStore, filename: str, repair: Repair = None) -> Check
         out.messages = checker.messages
         return out
     finally:
-        if fix:
+        # After a prevented metadata overlap QEMU drops the node: nothing more is written.
+        if fix and not checker.dead:
             checker.disk.flush()
             store.flush()
     for name in _Res.__slots__:
