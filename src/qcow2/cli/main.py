@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "resize": ("qcow2.cli.resize", "grow or shrink an image"),
     "dd": ("qcow2.cli.dd", "copy an image block by block, converting its format"),
     "check": ("qcow2.cli.check", "check an image for consistency, optionally repair it"),
+    "snapshot": ("qcow2.cli.snapshot", "list, create, apply or delete internal snapshots"),
     "measure": ("qcow2.cli.measure", "calculate the file size needed for a new image"),
 }
 

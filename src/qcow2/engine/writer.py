@@ -27,6 +27,7 @@ from ..errors import (
 )
 from ..format import constants as C
 from ..format.header import encode_header_cluster, l1_entries_for
+from ..format.snapshot import SnapshotEntry
 from ..io import ByteStore
 from .image import Qcow2Image
 from .refcount import Refcounts
@@ -127,6 +128,31 @@ class WritableQcow2Image(Qcow2Image):
     def resize(self, new_size: int) -> None:
         """Grow or shrink the virtual disk."""
         self._guard(self._resize_impl, new_size)
+
+    # Internal snapshots: the logic lives in engine/snapshot.py. (`snapshots` itself is the
+    # list attribute every reader uses, hence `list_snapshots()`.)
+    def list_snapshots(self) -> list[SnapshotEntry]:
+        """The snapshot table entries, in table order."""
+        return list(self.snapshots)
+
+    def create_snapshot(self, name: str, **fields: Any) -> SnapshotEntry:
+        """Create an internal snapshot of the active state (qemu-img snapshot -c)."""
+        from .snapshot import create_snapshot
+
+        return create_snapshot(self, name, **fields)
+
+    def apply_snapshot(self, name_or_id: str) -> SnapshotEntry:
+        """Revert the active state to a snapshot, ID first, then name (qemu-img snapshot -a)."""
+        from .snapshot import apply_snapshot
+
+        return apply_snapshot(self, name_or_id)
+
+    def delete_snapshot(self, name_or_id: str | None = None, *, snapshot_id: str | None = None,
+                        name: str | None = None) -> SnapshotEntry:
+        """Delete a snapshot by ID-or-name, or by exact ID and/or name."""
+        from .snapshot import delete_snapshot
+
+        return delete_snapshot(self, name_or_id, snapshot_id=snapshot_id, name=name)
 
     def _guard(self, fn: Callable[..., None], *args: Any) -> None:
         if self.corrupt:

@@ -45,8 +45,10 @@ class SnapshotEntry:
         extra = extra[:extra_size] + bytes(max(0, extra_size - len(extra)))
         vm32 = self.effective_vm_state_size
         vm32 = 0 if vm32 > 0xFFFFFFFF else vm32
-        id_b = self.id_str.encode()
-        name_b = self.name.encode()
+        # Names come from disk or argv and may hold bytes that are not UTF-8: they were
+        # decoded with surrogateescape and go back byte-exact.
+        id_b = self.id_str.encode("utf-8", "surrogateescape")
+        name_b = self.name.encode("utf-8", "surrogateescape")
         return _HDR.pack(self.l1_table_offset, self.l1_size, len(id_b), len(name_b),
                          self.date_sec, self.date_nsec, self.vm_clock_nsec, vm32,
                          extra_size) + extra + id_b + name_b
@@ -84,9 +86,9 @@ def parse_snapshot_table(data: bytes, nb_snapshots: int, table_offset: int
             ic = int.from_bytes(extra[16:24], "big")
             e.icount = ic - (1 << 64) if ic >> 63 else ic
         e.unknown_extra_data = bytes(extra[24:])
-        e.id_str = data[pos:pos + id_size].decode("utf-8", "replace")
+        e.id_str = data[pos:pos + id_size].decode("utf-8", "surrogateescape")
         pos += id_size
-        e.name = data[pos:pos + name_size].decode("utf-8", "replace")
+        e.name = data[pos:pos + name_size].decode("utf-8", "surrogateescape")
         pos += name_size
         if pos > C.QCOW_MAX_SNAPSHOTS_TABLE_BYTES:
             raise ImageLimitError("Snapshot table is too big")
