@@ -16,7 +16,7 @@ import re
 import struct
 import zlib
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from sys import byteorder
 
 from ..errors import CorruptImageError, EncryptionError, InvalidImageError, ReadOnlyImageError
@@ -312,6 +312,14 @@ class WritableQcowImage(QcowImage):
         self._check_range(offset, len(view))
         if len(view):
             self._write(offset, view, False)
+
+    def write_compressed(self, offset: int, data: bytes | bytearray | memoryview, *,
+                         level: int | None = None,
+                         compressed: Sequence[bytes | None] | None = None) -> None:
+        """Write one cluster (or the image's tail) compressed, as QEMU (engine/compress.py)."""
+        from .compress import write_compressed_qcow1
+
+        write_compressed_qcow1(self, offset, data, level, compressed)
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         """Make [offset, +length) read as zeros.
