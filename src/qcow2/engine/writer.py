@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from sys import byteorder
 from typing import Any
 
@@ -73,6 +73,8 @@ class WritableQcow2Image(Qcow2Image):
         self._dirty_l1: set[int] = set()
         self._data_dirty = False
         self._meta_clusters: set[int] | None = None
+        # qcow2_alloc_bytes()'s free_byte_offset: where the next compressed cluster is packed
+        self.free_byte_offset = 0
         self.lazy_refcounts = bool(h.compatible_features & C.QCOW2_COMPAT_LAZY_REFCOUNTS)
         if self.bitmaps or self.extensions.bitmaps is not None:
             self._drop_bitmaps()
@@ -120,6 +122,17 @@ class WritableQcow2Image(Qcow2Image):
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         """Make [offset, +length) read as zeros, with metadata where QEMU would (spec §1.11)."""
         self._guard(self._write_zeroes_impl, offset, length, unmap)
+
+    def write_compressed(self, offset: int, data: bytes | bytearray | memoryview, *,
+                         level: int | None = None,
+                         compressed: Sequence[bytes | None] | None = None) -> None:
+        """Write whole clusters compressed, as QEMU's compressed writes (engine/compress.py).
+
+        `compressed` gives the already compressed clusters (None: store it uncompressed).
+        """
+        from .compress import write_compressed_qcow2
+
+        self._guard(write_compressed_qcow2, self, offset, data, level, compressed)
 
     def discard(self, offset: int, length: int) -> None:
         """Drop whole clusters (partial ones are ignored, as QEMU does)."""
@@ -501,14 +514,25 @@ class WritableQcow2Image(Qcow2Image):
             if pos + n < hi:
                 self._read_layer(pos + n, bv[pos + n - lo:])
             bv[pos - lo:pos - lo + n] = view[pos - offset:pos - offset + n]
-            self._write_data(target + (lo - base), bv)
+            # An allocated cluster without COPIED is shared (a snapshot holds it): its
+            # subclusters outside the window keep their data, so the whole cluster is copied.
+            shared = not (reuse or compressed or self.has_data_file) and bool(
+                old & C.L2E_OFFSET_MASK)
+            if shared:
+                whole = bytearray(cs)
+                got = self.data_store.pread(old & C.L2E_OFFSET_MASK, cs)
+                whole[:len(got)] = got
+                whole[lo - base:hi - base] = bv
+                self._write_data(target, memoryview(whole))
+            else:
+                self._write_data(target + (lo - base), bv)
             if not self.has_data_file:
                 self._ensure_file_covers(target + cs)
             new_bitmap = bitmap
             first = (lo - base) // scs
             last = (hi - 1 - base) // scs
             bits = ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
-            if not reuse:
+            if not reuse and not shared:
                 # A previously unallocated cluster: its other subclusters keep their state
                 # (zero bits stay zero, unallocated stays unallocated -> backing).
                 new_bitmap = 0 if compressed else bitmap & ~C.QCOW_L2_BITMAP_ALL_ALLOC
