@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import Qcow2Error
 
     filename: str = args.filename
-    readonly = args.action in (None, "l")
+    readonly = args.action == "l"  # qemu-img opens read-write unless listing
     if args.force_share and not readonly:
         return fail(f"Could not open '{filename}': force-share=on can only be used with "
                     "read-only images")
@@ -109,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
         # The format is always probed (qemu-img snapshot has no -f).
         if not readonly and img.format_name == "raw":
             sys.stderr.write(RAW_PROBE_WARNING.format(filename))
+            if args.action == "a":
+                # QEMU closes the raw node to try the snapshot on its file child and opens
+                # it again, which warns a second time.
+                sys.stderr.write(RAW_PROBE_WARNING.format(filename))
         if args.action == "l":
             _list(img)
             return 0
