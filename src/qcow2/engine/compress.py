@@ -49,6 +49,86 @@ def _os_error(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
 
+class _LibZstd:
+    """The system libzstd through ctypes, called exactly as qcow2_zstd_compress() calls it.
+
+    zstd's output differs between library versions; QEMU links the system libzstd, so using
+    the same library (rather than the one bundled with the `zstandard` package) keeps the
+    compressed clusters byte-identical to QEMU's on the same system. ctypes releases the GIL
+    during the call, so worker threads compress in parallel.
+    """
+
+    def __init__(self) -> None:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("zstd") or "libzstd.so.1"
+        lib = ctypes.CDLL(name)
+        self._ct = ctypes
+
+        class Buffer(ctypes.Structure):
+            _fields_ = [("ptr", ctypes.c_void_p), ("size", ctypes.c_size_t),
+                        ("pos", ctypes.c_size_t)]
+
+        self.Buffer = Buffer
+        lib.ZSTD_createCCtx.restype = ctypes.c_void_p
+        lib.ZSTD_createCCtx.argtypes = []
+        lib.ZSTD_freeCCtx.argtypes = [ctypes.c_void_p]
+        lib.ZSTD_CCtx_reset.restype = ctypes.c_size_t
+        lib.ZSTD_CCtx_reset.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.ZSTD_CCtx_setParameter.restype = ctypes.c_size_t
+        lib.ZSTD_CCtx_setParameter.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        lib.ZSTD_compressStream2.restype = ctypes.c_size_t
+        lib.ZSTD_compressStream2.argtypes = [ctypes.c_void_p, ctypes.POINTER(Buffer),
+                                             ctypes.POINTER(Buffer), ctypes.c_int]
+        lib.ZSTD_isError.restype = ctypes.c_uint
+        lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+        self.lib = lib
+
+    def compress(self, data: bytes | bytearray | memoryview, dest_size: int,
+                 level: int | None) -> bytes | None:
+        ct = self._ct
+        lib = self.lib
+        cctx = getattr(_tls, "zstd_cctx", None)
+        if cctx is None:
+            cctx = _tls.zstd_cctx = lib.ZSTD_createCCtx()
+            if not cctx:
+                raise MemoryError("ZSTD_createCCtx failed")
+        # A fresh context, as QEMU creates one per cluster: session and parameters reset.
+        lib.ZSTD_CCtx_reset(cctx, 3)
+        if level is not None and level != DEFAULT_LEVEL[ZSTD]:
+            lib.ZSTD_CCtx_setParameter(cctx, 100, level)   # ZSTD_c_compressionLevel
+        src = data if isinstance(data, bytes) else bytes(data)
+        out = ct.create_string_buffer(max(dest_size, 1))
+        inb = self.Buffer(ct.cast(ct.c_char_p(src), ct.c_void_p), len(src), 0)
+        outb = self.Buffer(ct.cast(out, ct.c_void_p), dest_size, 0)
+        ret = lib.ZSTD_compressStream2(cctx, ct.byref(outb), ct.byref(inb), 2)  # ZSTD_e_end
+        if lib.ZSTD_isError(ret):
+            # QEMU fails the write with EIO; storing the cluster uncompressed is safer.
+            return None
+        if ret > outb.size - outb.pos:
+            return None     # QEMU's -ENOMEM: the frame is not complete
+        raw: bytes = out.raw
+        return raw[:outb.pos]
+
+
+_libzstd: _LibZstd | None = None
+_libzstd_failed = False
+_libzstd_lock = threading.Lock()
+
+
+def _system_zstd() -> _LibZstd | None:
+    global _libzstd, _libzstd_failed
+    if _libzstd is None and not _libzstd_failed:
+        with _libzstd_lock:
+            if _libzstd is None and not _libzstd_failed:
+                try:
+                    _libzstd = _LibZstd()
+                except (OSError, AttributeError):
+                    _libzstd_failed = True
+    return _libzstd
+
+
 def _zstd_compressor(level: int) -> Any:
     # One compressor per thread and level: zstandard's compressors are not thread-safe.
     cache: dict[int, Any] | None = getattr(_tls, "zstd", None)
@@ -78,6 +158,9 @@ def compress_cluster(data: bytes | bytearray | memoryview, cluster_size: int,
         buf[:len(data)] = data
         data = buf
     if compression_type == ZSTD:
+        lib = _system_zstd()
+        if lib is not None:
+            return lib.compress(data, cluster_size - 1, level)
         out: bytes = _zstd_compressor(DEFAULT_LEVEL[ZSTD] if level is None else level
                                       ).compress(data)
     else:
@@ -139,7 +222,12 @@ def write_compressed_qcow2(img: WritableQcow2Image, offset: int,
     if img.has_data_file:
         raise _os_error(errno.ENOTSUP)
     if not len(view):
-        return  # qemu-img's final "align the end of the file" call: a no-op
+        # qemu-img's final call "aligns the end of the file to a sector boundary": it
+        # truncates the file to bdrv_getlength(), which counts whole sectors.
+        end = img.store.size()
+        if end % 512:
+            img.store.truncate(end + 512 - end % 512)
+        return
     cs = img.cluster_size
     _check_request(offset, len(view), cs, img.virtual_size, True)
     img._zlib_cache_key = None

@@ -17,8 +17,13 @@ The pipeline, with the qemu-img 7.2 function each stage follows:
 Stages 2-3 run in worker threads, each with its own opened copy of every source (the engine's
 caches are per image), so that decompression and zero detection overlap with the writes:
 pread, zlib, zstd and numpy release the GIL. Stage 4 runs in the calling thread, in guest
-order. A `Target` is a small class; raw is the only one now, and a qcow2 writer plugs in
-behind the same interface (compression would join stage 3).
+order. A `Target` is a small class: raw here, qcow2/qcow in convert_target.py.
+
+With -c (`ConvertOptions.compress`) requests are whole target clusters, cut as qemu-img cuts
+them (`compressed_requests`): a status run shorter than a cluster makes the whole cluster
+data, a cluster that reads as zero is treated as a zero request. The workers compress the
+clusters (stage 3), the calling thread links them in guest order, so the output is the same
+byte for byte on every run and matches `qemu-img convert -c` (which writes in order unless -W).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ..errors import CorruptImageError, Qcow2Error
 from ..io import _punch
@@ -315,6 +320,10 @@ class Batch:
     parts: tuple[int, ...]
     host_fd: int | None = None
     host_offset: int = 0
+    # -c: one part per target cluster, read across sources (`offset` is what counts);
+    # `zero_fill`: a BLK_ZERO request that -S 0 turns into a zero buffer to compress
+    compressed: bool = False
+    zero_fill: bool = False
 
 
 def iter_batches(runs: Sequence[Run], buf_bytes: int, batch_bytes: int, zeros_too: bool
@@ -337,6 +346,82 @@ def iter_batches(runs: Sequence[Run], buf_bytes: int, batch_bytes: int, zeros_to
             yield Batch(r.src, r.src_offset + done, r.offset + done, n, r.data, tuple(parts),
                         r.host_fd, r.host_offset + done)
             done += n
+
+
+_REQ_DATA, _REQ_ZERO, _REQ_BACKING = range(3)
+
+
+def compressed_requests(runs: Sequence[Run], total: int, cluster_bytes: int
+                        ) -> Iterator[tuple[int, int, int]]:
+    """(offset, length, kind) of the requests convert_iteration_sectors() makes with -c.
+
+    Data requests are one cluster each (the buffer holds one cluster); zero and backing
+    stretches are whole clusters, aligned down; anything shorter than a cluster, whatever its
+    status, becomes a data request for the whole cluster (or the image's tail). Runs are
+    in target offsets; the gaps between them are BLK_BACKING_FILE.
+    """
+    cs = cluster_bytes
+    i = 0
+    pos = 0
+    while pos < total:
+        while i < len(runs) and runs[i].offset + runs[i].length <= pos:
+            i += 1
+        if i < len(runs) and runs[i].offset <= pos:
+            end = runs[i].offset + runs[i].length
+            kind = _REQ_DATA if runs[i].data else _REQ_ZERO
+        else:
+            end = runs[i].offset if i < len(runs) else total
+            kind = _REQ_BACKING
+        n = end - pos
+        if kind == _REQ_DATA:
+            n = min(n, cs)
+        if n < cs:
+            n = min(cs, total - pos)
+            kind = _REQ_DATA
+        else:
+            n -= n % cs
+        yield pos, n, kind
+        pos += n
+
+
+def iter_compressed_batches(runs: Sequence[Run], total: int, cluster_bytes: int,
+                            batch_bytes: int, zeros_too: bool) -> Iterator[Batch]:
+    """Group consecutive data requests (one cluster each) into batches for the workers.
+
+    With -S 0 (`zeros_too`) a zero stretch is one zero-filled data request per cluster, as
+    qemu-img caps it to its one-cluster buffer; backing stretches are left out.
+    """
+    per_batch = max(1, batch_bytes // cluster_bytes)
+    pending: list[int] = []
+    start = 0
+    fill = False
+
+    def flush() -> Batch:
+        return Batch(-1, start, start, sum(pending), True, tuple(pending), compressed=True,
+                     zero_fill=fill)
+
+    for off, n, kind in compressed_requests(runs, total, cluster_bytes):
+        if kind == _REQ_BACKING:
+            continue
+        if kind == _REQ_ZERO and not zeros_too:
+            if pending:
+                yield flush()
+                pending = []
+            yield Batch(-1, off, off, n, False, (n,), compressed=True)
+            continue
+        is_fill = kind == _REQ_ZERO
+        parts = [cluster_bytes] * (n // cluster_bytes) if is_fill else [n]
+        for part in parts:
+            if pending and (fill != is_fill or len(pending) >= per_batch):
+                yield flush()
+                pending = []
+            if not pending:
+                start = off
+                fill = is_fill
+            pending.append(part)
+            off += part
+    if pending:
+        yield flush()
 
 
 # ----------------------------------------------------------------------------- zero detection
@@ -430,6 +515,8 @@ class Target(Protocol):
 
     has_zero_init: bool     # reads as zero after creation: holes need no write
 
+    # Targets that take compressed clusters (-c) also have `cluster_size`,
+    # `compression_type` and write_compressed(offset, data, payloads).
     def write(self, offset: int, data: memoryview) -> None: ...
     def write_zeroes(self, offset: int, length: int) -> None: ...
     def finish(self) -> None: ...
@@ -538,6 +625,10 @@ class ConvertOptions:
     # are not written. `backing_end`: that file's length in bytes, when the target is new.
     target_has_backing: bool = False
     backing_end: int | None = None
+    # -c: every cluster written compressed (the target must have write_compressed);
+    # compression_level None is QEMU's (zlib 6, zstd 3)
+    compress: bool = False
+    compression_level: int | None = None
 
 
 @dataclass
@@ -549,6 +640,8 @@ class _Scanned:
     zeroes: list[tuple[int, int]]
     buf: bytearray | None = None
     mapped: memoryview | None = None
+    # -c: runs of consecutive clusters with their compressed payloads (None: uncompressible)
+    cwrites: list[tuple[int, memoryview, list[bytes | None]]] | None = None
 
 
 class _Copier:
@@ -574,6 +667,13 @@ class _Copier:
         # convert_do_copy(): zero initialisation is only relied on when holes are wanted.
         self.zero_init = (target.has_zero_init and opts.min_sparse != 0
                           and not opts.target_has_backing)
+        self.bases: list[int] = []
+        base = 0
+        for src in sources:
+            self.bases.append(base)
+            base += src.length
+        self.cluster_bytes = int(getattr(target, "cluster_size", 0) or 0)
+        self.compression_type = int(getattr(target, "compression_type", 0) or 0)
 
     # ------------------------------------------------------------------ worker side
     def _device(self, src: int) -> BlockDevice:
@@ -596,10 +696,12 @@ class _Copier:
         with self._lock:
             if self._free:
                 return self._free.pop()
-        return bytearray(max(self.opts.batch_bytes, self.opts.buf_bytes))
+        return bytearray(max(self.opts.batch_bytes, self.opts.buf_bytes, self.cluster_bytes))
 
     def scan(self, b: Batch) -> _Scanned:
         """Read a batch and find what to write (no target I/O here)."""
+        if b.compressed:
+            return self._scan_compressed(b)
         if not b.data:
             if not self.opts.min_sparse:
                 # -S 0: qemu-img writes zero buffers, which allocate like any data
@@ -655,6 +757,71 @@ class _Copier:
                 pos = first + count
         return res
 
+    def _scan_compressed(self, b: Batch) -> _Scanned:
+        """-c: read whole clusters, skip the ones that read as zero, compress the others."""
+        from ..engine.compress import compress_cluster
+
+        if not b.data:
+            return _Scanned(b, [], [] if self.zero_init else [(b.offset, b.length)])
+        buf = self._take_buffer()
+        view = memoryview(buf)[:b.length]
+        try:
+            if b.zero_fill:
+                view[:] = _ZERO_BUF[:b.length] if b.length <= len(_ZERO_BUF) else bytes(b.length)
+            else:
+                self._read_span(b, view)
+        except BaseException:
+            self.give_back(buf)
+            raise
+        res = _Scanned(b, [], [], buf, cwrites=[])
+        assert res.cwrites is not None
+        cs = self.cluster_bytes
+        level = self.opts.compression_level
+        pos = 0
+        for part in b.parts:
+            chunk = view[pos:pos + part]
+            off = b.offset + pos
+            pos += part
+            # qemu-img can only skip a compressed cluster when all of it is zero.
+            if self.opts.min_sparse and not _any_nonzero(chunk):
+                if not self.zero_init:
+                    res.zeroes.append((off, part))
+                continue
+            payload = compress_cluster(chunk, cs, self.compression_type, level)
+            last = res.cwrites[-1] if res.cwrites else None
+            if last is not None and last[0] + len(last[1]) == off:
+                res.cwrites[-1] = (last[0], view[last[0] - b.offset:pos], [*last[2], payload])
+            else:
+                res.cwrites.append((off, chunk, [payload]))
+        return res
+
+    def _read_span(self, b: Batch, view: memoryview) -> None:
+        """Read target range [b.offset, +len) from the concatenated sources; a failure is
+        reported at the start of the failing request (cluster), as qemu-img does."""
+        pos = 0
+        for part in b.parts:
+            try:
+                self._read_target(b.offset + pos, view[pos:pos + part])
+            except (Qcow2Error, OSError) as e:
+                msg = f"error while reading at byte {b.offset + pos}: {io_reason(e)}"
+                raise _with_cause(ConvertError(msg, corruption_lines(e)), e) from None
+            pos += part
+
+    def _read_target(self, offset: int, view: memoryview) -> None:
+        # A cluster may straddle two sources (convert_co_read() reads across them).
+        i = bisect_right(self.bases, offset) - 1
+        done = 0
+        while done < len(view):
+            while i + 1 < len(self.bases) and self.bases[i + 1] <= offset + done:
+                i += 1
+            src_off = offset + done - self.bases[i]
+            n = min(len(view) - done, self.sources[i].length - src_off)
+            if n <= 0:
+                view[done:] = bytes(len(view) - done)   # past the last source: zeros
+                return
+            self._device(i).readinto(src_off, view[done:done + n])
+            done += n
+
     def _mapped(self, b: Batch) -> memoryview | None:
         """The batch's bytes in a read-only mapping of their host file, if they are there.
 
@@ -700,6 +867,17 @@ class _Copier:
         target = self.target
         offset = res.batch.offset
         try:
+            if res.cwrites is not None:
+                cops: list[tuple[int, Any, Any]] = [*res.cwrites,
+                                                    *((o, n, None) for o, n in res.zeroes)]
+                cops.sort(key=lambda op: op[0])
+                write_compressed = cast(Any, target).write_compressed
+                for offset, what, payloads in cops:
+                    if payloads is None:
+                        target.write_zeroes(offset, what)
+                    else:
+                        write_compressed(offset, what, payloads)
+                return
             if not res.zeroes:
                 for offset, view in res.writes:
                     target.write(offset, view)
@@ -723,6 +901,10 @@ class _Copier:
         for _, view in res.writes:
             view.release()
         res.writes.clear()
+        if res.cwrites:
+            for _, view, _ in res.cwrites:
+                view.release()
+            res.cwrites.clear()
         if res.mapped is not None:
             res.mapped.release()
             res.mapped = None
@@ -759,6 +941,14 @@ def map_file(fd: int) -> mmap.mmap | None:
         return None
 
 
+def _any_nonzero(view: memoryview) -> bool:
+    import numpy as np
+
+    if len(view) % 8:
+        return any(view)
+    return bool(np.frombuffer(view, dtype=np.uint64).any())
+
+
 def _pow2floor(n: int) -> int:
     return 1 << (n.bit_length() - 1) if n > 0 else 0
 
@@ -777,8 +967,16 @@ def convert(sources: Sequence[Source], target: Target, opts: ConvertOptions | No
     progress = opts.progress
     runs = plan_runs(sources, top_only=opts.target_has_backing, backing_end=opts.backing_end)
     zeros_too = not opts.min_sparse
+    total = sum(s.length for s in sources)
+    cluster_bytes = int(getattr(target, "cluster_size", 0) or 0)
+    if opts.compress and not (cluster_bytes and hasattr(target, "write_compressed")):
+        raise ConvertError("Compression not supported for this file format")
     # convert_do_copy() counts the sectors it will copy first: the progress denominator.
-    allocated = sum(r.length for r in runs if r.data or zeros_too)
+    if opts.compress:
+        allocated = sum(n for _, n, kind in compressed_requests(runs, total, cluster_bytes)
+                        if kind == _REQ_DATA or (zeros_too and kind == _REQ_ZERO))
+    else:
+        allocated = sum(r.length for r in runs if r.data or zeros_too)
     workers = opts.workers or default_workers()
     threaded = workers > 1 and all(s.reopen is not None for s in sources) and allocated > 0
     copier = _Copier(sources, target, opts, threaded)
@@ -793,13 +991,19 @@ def convert(sources: Sequence[Source], target: Target, opts: ConvertOptions | No
                 progress.print(100.0 * done / allocated, 0)
 
     try:
-        batches = iter_batches(runs, opts.buf_bytes, opts.batch_bytes, zeros_too)
+        if opts.compress:
+            batches = iter_compressed_batches(runs, total, cluster_bytes, opts.batch_bytes,
+                                              zeros_too)
+        else:
+            batches = iter_batches(runs, opts.buf_bytes, opts.batch_bytes, zeros_too)
         if not threaded:
             for b in batches:
                 report(b)
                 copier.write(copier.scan(b))
         else:
             _run_threaded(copier, batches, workers, report)
+        if opts.compress:
+            cast(Any, target).finish_compressed()
         target.finish()
     finally:
         copier.close()
