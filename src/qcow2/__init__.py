@@ -28,6 +28,7 @@ from .errors import (
     ReadOnlyImageError,
     UnsupportedFeatureError,
 )
+from .format.snapshot import SnapshotEntry
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,7 @@ __all__ = [
     "Policy",
     "Qcow2Error",
     "ReadOnlyImageError",
+    "SnapshotEntry",
     "UnsupportedFeatureError",
     "__version__",
     "check",
