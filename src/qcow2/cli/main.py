@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("qcow2.cli.check", "check an image for consistency, optionally repair it"),
     "snapshot": ("qcow2.cli.snapshot", "list, create, apply or delete internal snapshots"),
     "measure": ("qcow2.cli.measure", "calculate the file size needed for a new image"),
+    "rebase": ("qcow2.cli.rebase", "change the backing file of an image"),
+    "commit": ("qcow2.cli.commit", "commit an image's changes into its backing file"),
 }
 
 
