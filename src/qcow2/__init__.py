@@ -52,9 +52,11 @@ __all__ = [
     "UnsupportedFeatureError",
     "__version__",
     "check",
+    "commit",
     "create",
     "open",
     "path_combine",
+    "rebase",
 ]
 
 
@@ -116,3 +118,41 @@ def check(path: str, repair: Literal["leaks", "all"] | None = None,
         raise e.cause from None
     report.result.messages = report.messages
     return report.result
+
+
+def rebase(path: str, backing: str | None, backing_fmt: str | None = None, *,
+           unsafe: bool = False, fmt: str | None = None,
+           backing_policy: Policy = "beside") -> None:
+    """Give `path` a new backing file like `qemu-img rebase -b BACKING -F FMT` (7.2).
+
+    backing "" or None: no backing file. Safe mode (default) first copies into the image
+    every range that differs between the old and the new chain; unsafe=True (-u) only
+    rewrites the header. A relative `backing` is relative to the image, as in QEMU. Raises
+    what qcow2.open() raises if the image does not open, ops.rebase.RebaseError (a
+    Qcow2Error) with qemu-img's message otherwise.
+    """
+    from .ops.rebase import OpenFailed
+    from .ops.rebase import rebase as _rebase
+
+    try:
+        _rebase(path, backing, backing_fmt, unsafe=unsafe, fmt=fmt,
+                backing_policy=backing_policy)
+    except OpenFailed as e:
+        raise e.cause from None
+
+
+def commit(path: str, base: str | None = None, drop: bool = False, *, fmt: str | None = None,
+           backing_policy: Policy = "beside") -> None:
+    """Write `path`'s data into its backing file (or `base`, deeper in the chain) like
+    `qemu-img commit` (7.2), then empty `path` unless `drop` (a named base implies drop).
+
+    Raises what qcow2.open() raises if the image does not open, ops.commit.CommitError (a
+    Qcow2Error) with qemu-img's message otherwise.
+    """
+    from .ops.commit import commit as _commit
+    from .ops.rebase import OpenFailed
+
+    try:
+        _commit(path, base, drop=drop, fmt=fmt, backing_policy=backing_policy)
+    except OpenFailed as e:
+        raise e.cause from None
