@@ -1,16 +1,19 @@
 """`qcow2 io`: run qemu-io style commands (-c CMD ...) against one image, with qemu-io's
-output lines and exit status, so scripts written for qemu-io run unchanged."""
+output lines and exit status, so scripts written for qemu-io run unchanged (write -c writes
+compressed clusters)."""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import shlex
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import Qcow2Error
+from ..errors import OutOfRangeError, Qcow2Error
 from .common import dump_qobject, fail, open_failure
 
 INT_MAX_LEN = 2147483136  # BDRV_REQUEST_MAX_BYTES: qemu-io refuses longer requests without -n
@@ -142,7 +145,15 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.write(f"{words[0]}: {e}\n")
                 failed = True
             except (Qcow2Error, OSError) as e:
-                sys.stdout.write(f"{words[0]} failed: {e}\n")
+                # qemu-io prints strerror() of the failed request; the block layer fails a
+                # request past the end of the image with EIO
+                if isinstance(e, OSError) and e.strerror:
+                    msg = e.strerror
+                elif isinstance(e, OutOfRangeError):
+                    msg = os.strerror(errno.EIO)
+                else:
+                    msg = str(e)
+                sys.stdout.write(f"{words[0]} failed: {msg}\n")
                 failed = True
         sys.stdout.flush()
     finally:
@@ -182,13 +193,20 @@ def cmd_read(img: Any, argv: list[str], args: argparse.Namespace) -> bool:
 def cmd_write(img: Any, argv: list[str], args: argparse.Namespace) -> bool:
     o, rest = _opts(argv, "zuqcfnC", "P")
     off, length = _offlen(rest)
+    if o.get("f") and o.get("c"):
+        sys.stdout.write("-f and -b or -c cannot be specified at the same time\n")
+        return False
     if not _writable(img, args):
         return False
     t0 = time.perf_counter()
     if o.get("z"):
         img.write_zeroes(off, length, unmap=bool(o.get("u")))
     elif o.get("c"):
-        raise _CmdError("compressed writes are not supported yet")
+        pat = int(o.get("P", "0xcd"), 0) & 0xFF
+        write_compressed = getattr(img, "write_compressed", None)
+        if write_compressed is None:
+            raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+        write_compressed(off, bytes([pat]) * length)
     else:
         pat = int(o.get("P", "0xcd"), 0) & 0xFF
         img.write(off, bytes([pat]) * length)
