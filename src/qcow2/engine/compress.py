@@ -231,6 +231,11 @@ def write_compressed_qcow2(img: WritableQcow2Image, offset: int,
     cs = img.cluster_size
     _check_request(offset, len(view), cs, img.virtual_size, True)
     img._zlib_cache_key = None
+    if img.refcounts.has_pending_decreases:
+        # QEMU drops references right after the L2 update, so a freed cluster (even the
+        # one free_byte_offset points into) is free before this allocation; our drops wait
+        # for a flush, which is what makes them durable in the right order.
+        img.flush()
     payloads = _payloads(view, cs, img.header.compression_type, level, compressed)
     for i, payload in enumerate(payloads):
         pos = offset + i * cs

@@ -412,7 +412,8 @@ def iter_compressed_batches(runs: Sequence[Run], total: int, cluster_bytes: int,
         is_fill = kind == _REQ_ZERO
         parts = [cluster_bytes] * (n // cluster_bytes) if is_fill else [n]
         for part in parts:
-            if pending and (fill != is_fill or len(pending) >= per_batch):
+            if pending and (fill != is_fill or len(pending) >= per_batch
+                            or off != start + sum(pending)):
                 yield flush()
                 pending = []
             if not pending:

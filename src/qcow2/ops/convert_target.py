@@ -67,7 +67,15 @@ class ImageTarget:
     def write_compressed(self, offset: int, data: memoryview,
                          payloads: Sequence[bytes | None]) -> None:
         """Clusters compressed by the pipeline's workers (None: store uncompressed)."""
-        cast(Any, self.img).write_compressed(offset, data, compressed=payloads)
+        img = cast(Any, self.img)
+        if self.img.format_name == "qcow2":
+            img.write_compressed(offset, data, compressed=payloads)
+        else:
+            # qcow v1 takes one cluster per compressed write, as QEMU's driver
+            cs = self.cluster_size
+            for i, payload in enumerate(payloads):
+                img.write_compressed(offset + i * cs, data[i * cs:(i + 1) * cs],
+                                     compressed=[payload])
         self._release()
 
     def finish_compressed(self) -> None:
