@@ -9,9 +9,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from .engine.check import CheckResult
 from .engine.device import BlockDevice, Extent
 from .engine.open import Policy, path_combine
 from .errors import (
@@ -29,6 +28,9 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .format.snapshot import SnapshotEntry
+
+if TYPE_CHECKING:
+    from .engine.check import CheckResult
 
 __version__ = "0.1.0"
 
@@ -156,3 +158,13 @@ def commit(path: str, base: str | None = None, drop: bool = False, *, fmt: str |
         _commit(path, base, drop=drop, fmt=fmt, backing_policy=backing_policy)
     except OpenFailed as e:
         raise e.cause from None
+
+
+def __getattr__(name: str) -> Any:
+    # The check engine (and what it imports) loads only when asked for: every command
+    # imports this package, and start-up must stay light.
+    if name == "CheckResult":
+        from .engine.check import CheckResult
+
+        return CheckResult
+    raise AttributeError(f"module 'qcow2' has no attribute {name!r}")

@@ -27,6 +27,14 @@ class TableCache:
             self._tables.popitem(last=False)
         return t
 
+    def put(self, host_offset: int, table: array[int]) -> None:
+        """Cache `table` at `host_offset`, replacing whatever was cached there (a freed
+        table's cluster reused for a new table must not bring the old one back)."""
+        self._tables[host_offset] = table
+        self._tables.move_to_end(host_offset)
+        if len(self._tables) > self.capacity:
+            self._tables.popitem(last=False)
+
     def clear(self) -> None:
         self._tables.clear()
 

@@ -130,8 +130,22 @@ class BlockDevice:
         if inside < n:
             zero_fill(view[inside:])
 
+    # Mutators of a device opened read-only (or of a format that cannot write): writable
+    # devices override them.
     def write(self, offset: int, data: bytes) -> None:
         raise ReadOnlyImageError("image is opened read-only")
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        raise ReadOnlyImageError("image is opened read-only")
+
+    def discard(self, offset: int, length: int) -> None:
+        raise ReadOnlyImageError("image is opened read-only")
+
+    def resize(self, new_size: int) -> None:
+        raise ReadOnlyImageError("image is opened read-only")
+
+    def flush(self) -> None:
+        """Make written data durable (nothing to do for a read-only device)."""
 
     def extents(self, start: int = 0, length: int | None = None) -> Iterator[Extent]:
         """Merged runs of the whole chain, exactly as `qemu-img map` groups them.

@@ -63,6 +63,8 @@ class Refcounts:
         self._pending_decreases: list[tuple[int, int]] = []
         # told of every new refblock (the writer's metadata overlap set)
         self.on_new_block: Callable[[int], None] | None = None
+        # asked before a new refblock or table is written (the writer's metadata overlap check)
+        self.overlap_check: Callable[[int, int], None] | None = None
 
     # ------------------------------------------------------------------ blocks
     def _load(self, block_offset: int) -> bytearray:
@@ -154,6 +156,8 @@ class Refcounts:
             self._update_range(new, 1, 1)
             self.flush_blocks()
         block_offset = new << self.cluster_bits
+        if self.overlap_check is not None:
+            self.overlap_check(block_offset, self.cluster_size)
         # The block reaches disk before the table entry that points to it.
         self.store.pwrite(block_offset, blk)
         self.store.flush()
@@ -186,6 +190,8 @@ class Refcounts:
         if (end - 1) >> self.block_bits >= total_blocks:
             # refcount_metadata_size() guarantees the area covers itself.
             raise RuntimeError("refcount area does not cover itself")
+        if self.overlap_check is not None:
+            self.overlap_check(start << self.cluster_bits, (end - start) << self.cluster_bits)
         for k, i in enumerate(new_blocks):
             new_table[i] = (start + k) << self.cluster_bits
         for i in range(area_index, total_blocks):

@@ -69,6 +69,7 @@ class WritableQcow2Image(Qcow2Image):
                                    h.refcount_table_offset, h.refcount_table_clusters,
                                    self._set_header_reftable)
         self.refcounts.on_new_block = self._note_metadata
+        self.refcounts.overlap_check = self._check_metadata_write
         self._dirty_l2: dict[int, array[int]] = {}
         self._dirty_l1: set[int] = set()
         self._data_dirty = False
@@ -224,13 +225,14 @@ class WritableQcow2Image(Qcow2Image):
         if old and entry & C.QCOW_OFLAG_COPIED:
             return old, self.l2_cache.get(old)
         new = self.refcounts.alloc_clusters(1)
+        self._check_metadata_write(new, self.cluster_size)
         if old:
             t = array("Q", self.l2_cache.get(old))
             self.refcounts.queue_decrease(old, self.cluster_size)
         else:
             t = array("Q", bytes(8 * self._l2_table_len()))
         self._dirty_l2[new] = t
-        self.l2_cache.get(new)  # cache it (loader returns the dirty table)
+        self.l2_cache.put(new, t)
         self.l1_table[l1_index] = new | C.QCOW_OFLAG_COPIED
         self._dirty_l1.add(l1_index)
         # The overlap set grows by the new table rather than being rebuilt from every table
@@ -277,8 +279,14 @@ class WritableQcow2Image(Qcow2Image):
         return s
 
     def _check_overlap(self, host: int, length: int) -> None:
-        if self.has_data_file:
-            return
+        """Before a guest data write (data files hold no metadata)."""
+        if not self.has_data_file:
+            self._check_metadata_write(host, length)
+
+    def _check_metadata_write(self, host: int, length: int) -> None:
+        """Before writing a new table into the image file: a crafted image whose refcounts
+        do not cover its own header or tables would otherwise get them overwritten (QEMU's
+        overlap check refuses and marks the image corrupt)."""
         meta = self._metadata()
         cb = self.cluster_bits
         for ci in range((host >> cb), ((host + length - 1) >> cb) + 1):
@@ -875,9 +883,12 @@ class WritableQcow2Image(Qcow2Image):
             freed = self.refcounts.apply_decreases()
             self.refcounts.flush_blocks()
             # Only now, with the drop durable, can the space go back to the file system.
+            # A freed cluster may end past the end of the file (the last compressed
+            # cluster's host cluster): QEMU discards it anyway, punching what exists.
+            size = self.store.size()
             for off, length in freed:
-                if off + length <= self.store.size():
-                    self.store.punch_hole(off, length)
+                if off < size:
+                    self.store.punch_hole(off, min(length, size - off))
 
     def close(self) -> None:
         if not self._closed:
