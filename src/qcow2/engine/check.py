@@ -59,7 +59,7 @@ _OFFMASK = C.L2E_OFFSET_MASK
 _ALL_ALLOC = C.QCOW_L2_BITMAP_ALL_ALLOC
 
 # How many pending references (fast-path L2 tables) are folded into the IMRT at once.
-_PENDING_FLUSH = 1 << 22
+_PENDING_FLUSH = 1 << 20
 
 
 def c_x(value: int) -> str:
@@ -739,9 +739,14 @@ class _Checker:
         res.image_end_offset = (highest + 1) * self.cs
 
     # ---- IMRT ---------------------------------------------------------------
+    def _imrt_dtype(self) -> Any:
+        # Wide enough to count past refcount_max (overflows must be seen): 32 bits for
+        # refcounts of up to 16 bits, 64 bits above (QEMU's IMRT has the image's width).
+        return self.np.uint32 if self.order <= 4 else self.np.uint64
+
     def _imrt_reset(self, n: int) -> None:
         np = self.np
-        self.imrt = np.zeros(max(n, 1), dtype=np.int64)
+        self.imrt = np.zeros(max(n, 1), dtype=self._imrt_dtype())
         self.imrt_size = n
         self._pending: list[Any] = []
         self._pending_n = 0
@@ -749,7 +754,7 @@ class _Checker:
     def _imrt_grow(self, n: int) -> None:
         if n > len(self.imrt):
             np = self.np
-            new = np.zeros(max(n, len(self.imrt) * 2), dtype=np.int64)
+            new = np.zeros(max(n, len(self.imrt) * 2), dtype=self._imrt_dtype())
             new[:len(self.imrt)] = self.imrt
             self.imrt = new
         if n > self.imrt_size:
@@ -766,8 +771,14 @@ class _Checker:
             return
         top = int(idx.max()) + 1
         self._imrt_grow(top)
-        counts = np.bincount(idx, minlength=top)
-        self.imrt[:top] += counts
+        # Only the clusters referenced in this batch are touched (a bincount over the whole
+        # range would cost 8 bytes per cluster of the image each time). Additions saturate so
+        # that a count past the refcount limit stays visible as an overflow.
+        uniq, counts = np.unique(idx, return_counts=True)
+        cap = np.iinfo(self.imrt.dtype).max
+        new = np.minimum(self.imrt[uniq].astype(np.uint64) + counts.astype(np.uint64),
+                         np.uint64(cap))
+        self.imrt[uniq] = new.astype(self.imrt.dtype)
 
     def _defer(self, idx: Any) -> None:
         self._pending.append(idx)
@@ -1178,14 +1189,13 @@ class _Checker:
         imrt = self.imrt[:n]
         disk, bad = self.disk.dense(n)
         self._signal_corruption_messages()
-        diff = disk.astype(np.int64) != imrt
+        diff = disk != imrt
         if bad is not None:
             diff |= bad
         used = (disk != 0) | (imrt != 0)
         if bad is not None:
             used &= ~bad
-        nz = np.flatnonzero(used)
-        highest = int(nz[-1]) if len(nz) else 0
+        highest = n - 1 - int(np.argmax(used[::-1])) if bool(used.any()) else 0
         for i in np.flatnonzero(diff).tolist():
             if bad is not None and bad[i]:
                 self.say(f"Can't get refcount for cluster {i}: {EIO}")
