@@ -272,7 +272,8 @@ class WritableQcow2Image(Qcow2Image):
             if e & C.L1E_OFFSET_MASK:
                 s.add((e & C.L1E_OFFSET_MASK) >> cb)
         if h.nb_snapshots:
-            span(h.snapshots_offset, 40 * h.nb_snapshots)
+            # the whole table: entries carry IDs, names and extra data past their 40 bytes
+            span(h.snapshots_offset, sum(len(sn.encode()) for sn in self.snapshots))
             for sn in self.snapshots:
                 span(sn.l1_table_offset, sn.l1_size * 8)
         self._meta_clusters = s
