@@ -185,7 +185,9 @@ def test_progress_float_rounding() -> None:
      "'snapshot.foo=1'"),
     (["-l", "s", "r.raw", "r.raw", "o.raw"], "No support for concatenating multiple snapshot"),
     (["r.raw"], "Must specify image file name"),
-    (["-c", "r.raw", "o.raw"], "convert option -c is not supported yet"),
+    (["-c", "r.raw", "o.raw"], "Compression not supported for this file format"),
+    (["-c", "-C", "r.raw", "o.qcow2"], "Cannot enable copy offloading when -c is used"),
+    (["--compression-level", "3", "r.raw", "o.raw"], "--compression-level requires -c"),
     (["-T", "bad", "r.raw", "o.raw"], "Invalid source cache option: bad"),
     (["-t", "bad", "r.raw", "o.raw"], "Invalid cache option: bad"),
     (["r.raw", "no/such/dir/o.raw"], "no/such/dir/o.raw: error while converting raw: Could not "
