@@ -410,6 +410,25 @@ def _snapshot_l1_unaligned(tmp: Path) -> Path:
     return p
 
 
+def _snapshot_incomplete_extra(tmp: Path) -> Path:
+    # a v3 snapshot entry with 8 bytes of extra data (16 required): -r all rewrites the table
+    p = _base(tmp)
+    qemu_img("snapshot", "-c", "snapA", p)
+    so = _u64(p, 64)
+    with open(p, "r+b") as f:
+        f.seek(so)
+        hdr = f.read(40)
+        extra = struct.unpack_from(">I", hdr, 36)[0]
+        id_size, name_size = struct.unpack_from(">HH", hdr, 12)
+        f.seek(so + 40 + extra)
+        strings = f.read(id_size + name_size)
+        f.seek(so + 36)
+        f.write(struct.pack(">I", 8))
+        f.seek(so + 48)
+        f.write(strings)
+    return p
+
+
 def _dirty_leaky(tmp: Path) -> Path:
     p = _leak_extra(tmp)
     _put(p, 72, ">Q", 1)
@@ -456,6 +475,7 @@ CORRUPT: dict[str, Callable[[Path], Path]] = {
     "refblock_refcount": _refblock_refcount,
     "extl2_bitmap": _extl2_bitmap,
     "snapshot_l1_unaligned": _snapshot_l1_unaligned,
+    "snapshot_incomplete_extra": _snapshot_incomplete_extra,
     "dirty_leaky": _dirty_leaky,
     "corrupt_bit_clean": _corrupt_bit_clean,
     "lazy_abort": _lazy_abort,

@@ -651,8 +651,11 @@ class _Checker:
         self.store.flush()
         if self.snapshots_size:
             rc.queue_decrease(self.snapshots_offset, self.snapshots_size)
-            rc.apply_decreases()
+            freed = rc.apply_decreases()
             rc.flush_blocks()
+            # QCOW2_DISCARD_SNAPSHOT: the old table's clusters go back to the file system.
+            for off, length in freed:
+                self.store.punch_hole(off, length)
         self.snapshots_offset = new_off
         self.snapshots_size = len(data)
         self.wrote = True
