@@ -175,12 +175,18 @@ def _run_commit(top: BlockDevice, target: BlockDevice, progress: Progress | None
                 io_bytes = min(io_bytes, BUF_SIZE)
                 _write(target, offset, top.read(offset, io_bytes))
                 done += io_bytes
-            elif method == "zero":
-                _write_zeroes(target, offset, io_bytes)
             else:
-                discard = getattr(target, "discard", None)
-                if discard is not None:
-                    discard(offset, io_bytes)
+                if method == "zero":
+                    _write_zeroes(target, offset, io_bytes)
+                else:
+                    discard = getattr(target, "discard", None)
+                    if discard is not None:
+                        discard(offset, io_bytes)
+                # QEMU can allocate the clusters an unmap freed right away; the engine
+                # applies refcount decreases on flush, so flush before the next request.
+                flush_now = getattr(target, "flush", None)
+                if flush_now is not None:
+                    flush_now()
             offset += io_bytes
             nb -= (io_bytes + gran - 1) // gran
             if progress is not None and total:
