@@ -121,10 +121,14 @@ class Refcounts:
         """Allocate n contiguous clusters (refcount 1); returns the host offset."""
         while True:
             start = self._find_free(n)
-            if self._ensure_blocks(start, n):
-                continue  # metadata took space: search again, as QEMU's -EAGAIN
-            self._update_range(start, n, 1)
+            # QEMU moves its free-cluster index past the run before updating its refcounts,
+            # so a refblock the update needs lands after the run, not in front of it.
             self.free_cluster_index = start + n
+            if self._ensure_blocks(start, n):
+                # metadata took space: search again, as QEMU's -EAGAIN, from the run's start
+                self.free_cluster_index = min(self.free_cluster_index, start)
+                continue
+            self._update_range(start, n, 1)
             return start << self.cluster_bits
 
     def _ensure_blocks(self, start: int, n: int) -> bool:
