@@ -43,7 +43,7 @@ from .device import (
 )
 
 if TYPE_CHECKING:
-    pass
+    from .check import CheckResult
 
 DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
 
@@ -536,6 +536,18 @@ class Qcow2Image(BlockDevice):
                 f"Could not decompress the compressed cluster at host offset {c_hex(coffset)}",
                 offset=coffset, fatal=False)
         return out
+
+    def check(self, repair: str | None = None) -> CheckResult:
+        """`qemu-img check` of this image's metadata (engine/check.py); read-only here.
+
+        Repairing needs the image opened read-write (WritableQcow2Image.check), or use
+        qcow2.check(path, repair=...) on a closed image.
+        """
+        from .check import check_store
+
+        if repair is not None:
+            raise ReadOnlyImageError("repairing an image needs it opened read-write")
+        return check_store(self.store, self.filename, None)
 
     def close(self) -> None:
         if self._closed:

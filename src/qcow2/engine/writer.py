@@ -15,7 +15,7 @@ import struct
 from array import array
 from collections.abc import Callable, Sequence
 from sys import byteorder
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import (
     CorruptImageError,
@@ -31,6 +31,9 @@ from ..format.snapshot import SnapshotEntry
 from ..io import ByteStore
 from .image import Qcow2Image
 from .refcount import Refcounts
+
+if TYPE_CHECKING:
+    from .check import CheckResult, Repair
 
 MAX_DIRTY_L2 = 256
 # Autoclear bits we keep: data-file-raw. Unknown ones are cleared on a writable open, as QEMU
@@ -50,7 +53,7 @@ class WritableQcow2Image(Qcow2Image):
         # low: QEMU repairs it (check with fix-errors|fix-leaks) on every read-write open and
         # refuses the open if that fails. The repair may rewrite the refcount structure, L1/L2
         # entries and the header, so everything read from the image is read again.
-        from .check import CheckResult, check_store
+        from .check import check_store
 
         self.repair_result: CheckResult | None = None
         if self.dirty:
@@ -112,6 +115,38 @@ class WritableQcow2Image(Qcow2Image):
         self.refcounts.apply_decreases()
         self.refcounts.flush_blocks()
 
+
+    def check(self, repair: str | None = None) -> CheckResult:
+        """Check, and with repair="leaks"/"all" repair, this open image as `qemu-img check`.
+
+        Pending writes are flushed first. After a repair the image state is read again from
+        disk (as after a dirty open) and a second, read-only pass gives the result, with the
+        first pass's fixed counts and both passes' diagnostics.
+        """
+        from .check import check_store
+
+        if repair not in (None, "leaks", "all"):
+            raise ValueError(f"repair must be None, 'leaks' or 'all', not {repair!r}")
+        self.flush()
+        first = check_store(self.store, self.filename, cast("Repair", repair))
+        if first.failure is not None or not (first.corruptions_fixed or first.leaks_fixed):
+            if repair is not None and first.failure is None:
+                self._reload()
+            return first
+        self._reload()
+        second = check_store(self.store, self.filename, None)
+        second.corruptions_fixed = first.corruptions_fixed
+        second.leaks_fixed = first.leaks_fixed
+        second.messages[:0] = first.messages
+        return second
+
+    def _reload(self) -> None:
+        # The repair may have rewritten the header, refcounts, L1 and L2 entries: read every
+        # piece of state again, keeping what open() attached (backing chain, data file).
+        keep = (self.backing, self.data_store, self.data_file_name)
+        cache_bytes = self.l2_cache.capacity * self.cluster_size
+        WritableQcow2Image.__init__(self, self.store, self.filename, l2_cache_size=cache_bytes)
+        self.backing, self.data_store, self.data_file_name = keep
 
     # ------------------------------------------------------------------ public mutators
     # Each runs under _guard(): metadata corruption found while writing marks the image
