@@ -53,6 +53,16 @@ def _punch(fd: int, offset: int, length: int) -> bool:
     return int(fn(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)) == 0
 
 
+_INT64_MAX = (1 << 63) - 1
+
+
+def _check_request(offset: int, length: int) -> None:
+    """Offsets from a crafted image can exceed what the OS takes (an OverflowError in
+    os.pread): refuse them as QEMU's bdrv_check_request() does, with an I/O error."""
+    if offset < 0 or length < 0 or offset > _INT64_MAX - length:
+        raise OSError(errno.EINVAL, f"Invalid argument (request at offset {offset:#x})")
+
+
 class FileStore:
     """A local file accessed with positional I/O (no shared file position, thread-safe reads)."""
 
@@ -72,6 +82,7 @@ class FileStore:
         return os.fstat(self.fd).st_size
 
     def pread(self, offset: int, length: int) -> bytes:
+        _check_request(offset, length)
         data = os.pread(self.fd, length, offset)
         if len(data) < length:
             # Short reads past EOF read as zeros, like QEMU's file driver.
@@ -80,6 +91,7 @@ class FileStore:
 
     def readinto(self, offset: int, buf: memoryview) -> int:
         want = len(buf)
+        _check_request(offset, want)
         done = 0
         while done < want:
             n = os.preadv(self.fd, [buf[done:]], offset + done)
@@ -91,6 +103,7 @@ class FileStore:
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
+        _check_request(offset, len(view))
         done = 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], offset + done)

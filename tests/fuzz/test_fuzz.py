@@ -109,10 +109,17 @@ def test_fuzz_mutated_images(seed_names: list[str], tmp_path_factory: pytest.Tem
         try:
             with bounded():
                 run_case(data, work)
-        except BaseException:
-            # keep the failing bytes: a regression test is made from them
-            (Path(os.environ.get("QCOW2_FUZZ_CRASHES", work)) / "last-failure.img"
-             ).write_bytes(data)
+        except BaseException as e:
+            # keep the smallest failing image per kind of failure: regression tests are made
+            # from them
+            tb = e.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            where = f"{Path(tb.tb_frame.f_code.co_filename).stem}-{tb.tb_lineno}" if tb else ""
+            out = (Path(os.environ.get("QCOW2_FUZZ_CRASHES", work))
+                   / f"{type(e).__name__}-{where}.img")
+            if not out.exists() or out.stat().st_size > len(data):
+                out.write_bytes(data)
             raise
 
     case()

@@ -249,6 +249,15 @@ class Qcow2Image(BlockDevice):
         n_blocks = min(rt_entries, (end_cluster + (1 << per_block_bits) - 1) >> per_block_bits)
         if n_blocks <= 0:
             return False
+        try:
+            return self._count_refcounted(n_blocks, per_block_bits, end_cluster, threshold)
+        except OSError:
+            return False   # QEMU: a failed detection counts as "not preallocated"
+
+    def _count_refcounted(self, n_blocks: int, per_block_bits: int, end_cluster: int,
+                          threshold: int) -> bool:
+        h = self.header
+        cs = self.cluster_size
         reftable = _u64_table(self.store.pread(h.refcount_table_offset, n_blocks * 8))
         count = 0
         for rt_index, entry in enumerate(reftable):

@@ -492,7 +492,9 @@ class WritableQcow2Image(Qcow2Image):
             host = self.refcounts.alloc_clusters(ncl)
         head = offset - base
         tail_start = offset + len(view)
-        tail_end = min((last_cl + 1) << cb, self.virtual_size)
+        # QEMU's COW fills the whole last cluster, also past the end of the virtual disk
+        # (with zeros there): the file then always ends on a cluster boundary.
+        tail_end = (last_cl + 1) << cb
         # COW only the partial head and tail; the guest data is written from the caller's
         # buffer without a copy (one pwrite per piece, all before the L2 update).
         if head:
@@ -502,7 +504,9 @@ class WritableQcow2Image(Qcow2Image):
         self._write_data(host + head, view)
         if tail_start < tail_end:
             tbuf = bytearray(tail_end - tail_start)
-            self._read_layer(tail_start, memoryview(tbuf))
+            inside = max(0, min(tail_end, self.virtual_size) - tail_start)
+            if inside:
+                self._read_layer(tail_start, memoryview(tbuf)[:inside])
             self._write_cow(host + (tail_start - base), tbuf)
         for i in range(ncl):
             idx = (first_cl + i) & mask
