@@ -49,3 +49,13 @@ def test_raw_probed_mutant_is_writable_through_the_api(tmp_path: Path) -> None:
         assert img.read(0, 16) == bytes(16)
     with qcow2.open(str(p)) as img, pytest.raises(qcow2.ReadOnlyImageError):
         img.write(0, b"x")
+
+
+CASES = sorted((Path(__file__).parent / "cases").glob("*.img"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
+def test_saved_fuzz_cases(case: Path, tmp_path: Path) -> None:
+    # Each file once failed the harness (see its name); they must now pass its bounds.
+    with bounded():
+        run_case(case.read_bytes(), tmp_path)

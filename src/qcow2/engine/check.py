@@ -162,6 +162,11 @@ EIO = "Input/output error"
 EINVAL = "Invalid argument"
 EFBIG = "File too large"
 ENOMEM = "Cannot allocate memory"
+# Bounds against hostile images (QEMU has none): the in-memory refcount table may take up to
+# 4 GiB (1 Gi clusters: a 64 TiB file of 64 KiB clusters), and a
+# repair grows the file by at most its size or 1 GiB to reach a refblock past its end.
+MAX_IMRT_BYTES = 4 << 30
+MAX_REPAIR_GROWTH = 1 << 30
 
 
 @dataclass(slots=True)
@@ -749,12 +754,16 @@ class _Checker:
 
     def _imrt_reset(self, n: int) -> None:
         np = self.np
+        if n * np.dtype(self._imrt_dtype()).itemsize > MAX_IMRT_BYTES:
+            raise _Fail(ENOMEM)
         self.imrt = np.zeros(max(n, 1), dtype=self._imrt_dtype())
         self.imrt_size = n
         self._pending: list[Any] = []
         self._pending_n = 0
 
     def _imrt_grow(self, n: int) -> None:
+        if n * self.imrt.itemsize > MAX_IMRT_BYTES:
+            raise _Fail(ENOMEM)
         if n > len(self.imrt):
             np = self.np
             new = np.zeros(max(n, len(self.imrt) * 2), dtype=self._imrt_dtype())
@@ -1168,6 +1177,13 @@ class _Checker:
                     if offset > C.INT64_MAX - self.cs:
                         rebuild = True
                         self.say(f"ERROR could not resize image: {EINVAL}")
+                        continue
+                    if offset + self.cs > self.file_len + max(self.file_len, MAX_REPAIR_GROWTH):
+                        # QEMU would grow the file (and its in-memory refcount table) to any
+                        # crafted offset: a hostile image could make a repair allocate
+                        # gigabytes. A refblock just past the end (a truncated file) is fine.
+                        rebuild = True
+                        self.say(f"ERROR could not resize image: {EFBIG}")
                         continue
                     self.store.truncate(offset + self.cs)
                     self.wrote = True
