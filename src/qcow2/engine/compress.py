@@ -167,6 +167,10 @@ def compress_cluster(data: bytes | bytearray | memoryview, cluster_size: int,
         c = zlib.compressobj(DEFAULT_LEVEL[ZLIB] if level is None else level, zlib.DEFLATED,
                              -12, 9, zlib.Z_DEFAULT_STRATEGY)
         out = c.compress(data) + c.flush()
+        # QEMU's one deflate(Z_FINISH) call into a cluster_size - 1 buffer returns Z_OK, not
+        # Z_STREAM_END, when the last block exactly fills the buffer (zlib reports
+        # "finish started" whenever avail_out reaches 0): such a cluster is stored plain.
+        return out if len(out) < cluster_size - 1 else None
     return out if len(out) <= cluster_size - 1 else None
 
 
