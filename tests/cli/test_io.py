@@ -64,3 +64,17 @@ def test_missing_file_one_line_error(tmp_path: Path) -> None:
                        capture_output=True, text=True)
     assert p.returncode == 1
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_write_from_pattern_file_matches_qemu_io(tmp_path: Path) -> None:
+    # -s FILE fills the request with the file's bytes, repeated (qemu_io_alloc_from_file)
+    src = tmp_path / "pattern.bin"
+    src.write_bytes(bytes(range(7, 250)) * 3)
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    for p in (a, b):
+        qemu_img("create", "-q", "-f", "qcow2", p, "4M")
+    script = [f"write -s {src} 1000 70000", f"write -c -s {src} 1M 64k", "read -v 1000 32"]
+    rc_q, out_q = _run(["qemu-io"], a, script)
+    rc_o, out_o = _run(OURS, b, script)
+    assert (rc_o, out_o) == (rc_q, out_q)
+    assert a.read_bytes() == b.read_bytes()

@@ -108,7 +108,8 @@ def _hexdump(data: bytes, offset: int) -> None:
     for pos in range(0, len(data), 16):
         chunk = data[pos:pos + 16]
         hexpart = " ".join(f"{b:02x}" for b in chunk)
-        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
+        # qemu-io prints only isalnum() characters
+        text = "".join(chr(b) if chr(b).isascii() and chr(b).isalnum() else "." for b in chunk)
         sys.stdout.write(f"{offset + pos:08x}:  {hexpart}  {text}\n")
 
 
@@ -191,7 +192,7 @@ def cmd_read(img: Any, argv: list[str], args: argparse.Namespace) -> bool:
 
 
 def cmd_write(img: Any, argv: list[str], args: argparse.Namespace) -> bool:
-    o, rest = _opts(argv, "zuqcfnC", "P")
+    o, rest = _opts(argv, "zuqcfnC", "Ps")
     off, length = _offlen(rest)
     if o.get("f") and o.get("c"):
         sys.stdout.write("-f and -b or -c cannot be specified at the same time\n")
@@ -202,16 +203,27 @@ def cmd_write(img: Any, argv: list[str], args: argparse.Namespace) -> bool:
     if o.get("z"):
         img.write_zeroes(off, length, unmap=bool(o.get("u")))
     elif o.get("c"):
-        pat = int(o.get("P", "0xcd"), 0) & 0xFF
         write_compressed = getattr(img, "write_compressed", None)
         if write_compressed is None:
             raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
-        write_compressed(off, bytes([pat]) * length)
+        write_compressed(off, _write_buffer(o, length))
     else:
-        pat = int(o.get("P", "0xcd"), 0) & 0xFF
-        img.write(off, bytes([pat]) * length)
+        img.write(off, _write_buffer(o, length))
     _report("wrote", length, length, off, time.perf_counter() - t0, bool(o.get("q")))
     return True
+
+
+def _write_buffer(o: dict[str, str], length: int) -> bytes:
+    """-s FILE: the file's bytes, repeated to fill the request (qemu_io_alloc_from_file);
+    else -P's pattern byte (0xcd by default)."""
+    src = o.get("s")
+    if src is not None:
+        with open(src, "rb") as f:
+            data = f.read(length)
+        if not data:
+            raise OSError(errno.EIO, f"failed to read {src}")
+        return (data * -(-length // len(data)))[:length]
+    return bytes([int(o.get("P", "0xcd"), 0) & 0xFF]) * length
 
 
 def cmd_discard(img: Any, argv: list[str], args: argparse.Namespace) -> bool:

@@ -262,7 +262,11 @@ class _DiskRefcounts:
                 self.signal_messages.append(
                     f"Refblock offset {c_x(off)} unaligned (reftable index: {c_x(rt_index)})")
             return False
-        blk = decode_refblock_np(self.np, self.store.pread(off, self.cluster_size), self.order)
+        try:
+            raw = self.store.pread(off, self.cluster_size)
+        except OSError:
+            return False   # e.g. an offset past INT64_MAX: QEMU's read fails (a check error)
+        blk = decode_refblock_np(self.np, raw, self.order)
         self._blocks[rt_index] = blk
         return blk
 

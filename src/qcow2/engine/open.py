@@ -41,8 +41,13 @@ def path_combine(base_path: str, filename: str) -> str:
 def probe_format(store: ByteStore) -> str:
     head = store.pread(0, 8)
     if head[:4] == C.QCOW_MAGIC_BYTES:
+        # QEMU's probes: qcow wants version 1, qcow2 version >= 2 (bytes past the end of a
+        # short file read as zeros): anything else, a truncated header included, is raw.
         version = int.from_bytes(head[4:8], "big")
-        return "qcow" if version == 1 else "qcow2"
+        if version == 1:
+            return "qcow"
+        if version >= 2:
+            return "qcow2"
     return "raw"
 
 

@@ -71,12 +71,13 @@ class WritableQcow2Image(Qcow2Image):
         self.refcounts = Refcounts(store, h.cluster_bits, h.refcount_order,
                                    h.refcount_table_offset, h.refcount_table_clusters,
                                    self._set_header_reftable)
-        self.refcounts.on_new_block = self._note_metadata
+        self.refcounts.on_new_block = self._note_refblock
         self.refcounts.overlap_check = self._check_metadata_write
         self._dirty_l2: dict[int, array[int]] = {}
         self._dirty_l1: set[int] = set()
         self._data_dirty = False
         self._meta_clusters: set[int] | None = None
+        self._meta_non_l2: set[int] = set()
         # qcow2_alloc_bytes()'s free_byte_offset: where the next compressed cluster is packed
         self.free_byte_offset = 0
         self.lazy_refcounts = bool(h.compatible_features & C.QCOW2_COMPAT_LAZY_REFCOUNTS)
@@ -258,6 +259,7 @@ class WritableQcow2Image(Qcow2Image):
             raise CorruptImageError(
                 f"L2 table offset {c_hex(old)} unaligned (L1 index: {c_hex(l1_index)})", offset=old)
         if old and entry & C.QCOW_OFLAG_COPIED:
+            self._check_l2_target(old)
             return old, self.l2_cache.get(old)
         new = self.refcounts.alloc_clusters(1)
         self._check_metadata_write(new, self.cluster_size)
@@ -277,9 +279,14 @@ class WritableQcow2Image(Qcow2Image):
         self._ensure_file_covers(new + self.cluster_size)
         return new, t
 
-    def _note_metadata(self, host_offset: int) -> None:
+    def _note_metadata(self, host_offset: int, l2: bool = True) -> None:
         if self._meta_clusters is not None:
             self._meta_clusters.add(host_offset >> self.cluster_bits)
+            if not l2:
+                self._meta_non_l2.add(host_offset >> self.cluster_bits)
+
+    def _note_refblock(self, host_offset: int) -> None:
+        self._note_metadata(host_offset, l2=False)
 
     def _ensure_file_covers(self, end: int) -> None:
         if self.store.size() < end:
@@ -303,16 +310,38 @@ class WritableQcow2Image(Qcow2Image):
         for e in self.refcounts.table:
             if e & C.REFT_OFFSET_MASK:
                 s.add((e & C.REFT_OFFSET_MASK) >> cb)
+        if h.nb_snapshots:
+            span(h.snapshots_offset, self._snapshot_table_bytes())
+            for sn in self.snapshots:
+                span(sn.l1_table_offset, sn.l1_size * 8)
+        # everything but the active L2 tables: what an L2 table write must not hit
+        self._meta_non_l2 = set(s)
         for e in self.l1_table:
             if e & C.L1E_OFFSET_MASK:
                 s.add((e & C.L1E_OFFSET_MASK) >> cb)
-        if h.nb_snapshots:
-            # the whole table: entries carry IDs, names and extra data past their 40 bytes
-            span(h.snapshots_offset, sum(len(sn.encode()) for sn in self.snapshots))
-            for sn in self.snapshots:
-                span(sn.l1_table_offset, sn.l1_size * 8)
         self._meta_clusters = s
         return s
+
+    def _snapshot_table_bytes(self) -> int:
+        """The on-disk size of the snapshot table, walked from its entries' own size fields
+        (parsed names and IDs are cut at NUL bytes, so re-encoding could be shorter)."""
+        h = self.header
+        pos = h.snapshots_offset
+        for _ in range(h.nb_snapshots):
+            raw = self.store.pread(pos, 40)
+            id_len, name_len = struct.unpack_from(">HH", raw, 12)
+            (extra,) = struct.unpack_from(">I", raw, 36)
+            pos += (40 + extra + id_len + name_len + 7) & ~7
+        return pos - h.snapshots_offset
+
+    def _check_l2_target(self, l2_offset: int) -> None:
+        # An existing L2 table is updated in place: the L1 must not make it another table
+        # (QEMU's cache write-back overlap check ignores only the active L2 tables).
+        self._metadata()
+        if l2_offset >> self.cluster_bits in self._meta_non_l2:
+            raise MetadataOverlapError(
+                "Preventing invalid write on metadata (overlaps with cluster "
+                f"{c_hex(l2_offset >> self.cluster_bits)})", offset=l2_offset)
 
     def _check_overlap(self, host: int, length: int) -> None:
         """Before a guest data write (data files hold no metadata)."""
