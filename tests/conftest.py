@@ -69,6 +69,26 @@ def qemu_json(*args: str | os.PathLike[str], cwd: str | os.PathLike[str] | None 
     return json.loads(qemu_img(*args, cwd=cwd).stdout)
 
 
+def data_map(path: Path) -> list[tuple[int, int]]:
+    """The (start, length) data extents of a file, as SEEK_DATA/SEEK_HOLE report them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        out: list[tuple[int, int]] = []
+        pos = 0
+        while pos < size:
+            try:
+                d = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            h = os.lseek(fd, d, os.SEEK_HOLE)
+            out.append((d, h - d))
+            pos = h
+        return out
+    finally:
+        os.close(fd)
+
+
 def qemu_raw(path: str | os.PathLike[str], tmp: Path, *extra: str) -> bytes:
     """The guest content as qemu-img reads it (`qemu-img convert -O raw`)."""
     out = tmp / f"oracle-{abs(hash((str(path), *extra)))}.raw"

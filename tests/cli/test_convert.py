@@ -15,6 +15,7 @@ from qcow2.cli.main import main
 from qcow2.format.builder import ZERO, ImageSpec, build_image
 from qcow2.ops.convert import allocated_ranges, sector_flags
 from qcow2.ops.progress import Progress
+from tests.conftest import data_map
 
 CS = 65536
 MiB = 1 << 20
@@ -26,24 +27,6 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str
     out, err = capsys.readouterr()
     return rc, out, err
 
-
-def data_map(path: Path) -> list[tuple[int, int]]:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        out: list[tuple[int, int]] = []
-        pos = 0
-        while pos < size:
-            try:
-                d = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            h = os.lseek(fd, d, os.SEEK_HOLE)
-            out.append((d, h - d))
-            pos = h
-        return out
-    finally:
-        os.close(fd)
 
 
 def _holes_supported(tmp: Path) -> bool:

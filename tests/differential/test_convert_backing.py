@@ -6,7 +6,6 @@ messages and exit statuses are qemu-img's."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import qemu_img, qemu_io
+from tests.conftest import data_map, qemu_img, qemu_io
 
 pytestmark = pytest.mark.oracle
 
@@ -32,25 +31,6 @@ def ours(*argv: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
 def theirs(*argv: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     return qemu_img("convert", *argv, check=False, cwd=cwd)
 
-
-def data_map(path: Path) -> list[tuple[int, int]]:
-    """The file's data extents (SEEK_DATA/SEEK_HOLE)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        out: list[tuple[int, int]] = []
-        pos = 0
-        while pos < size:
-            try:
-                d = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            h = os.lseek(fd, d, os.SEEK_HOLE)
-            out.append((d, h - d))
-            pos = h
-        return out
-    finally:
-        os.close(fd)
 
 
 def qmap(path: Path, cwd: Path) -> list[dict[str, Any]]:

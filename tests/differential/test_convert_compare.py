@@ -18,30 +18,11 @@ from pathlib import Path
 import pytest
 
 from qcow2.cli.main import main
-from tests.conftest import qemu_img, qemu_io
+from tests.conftest import data_map, qemu_img, qemu_io
 from tests.differential.conftest import CASE_NAMES, MatrixImage, MiB
 
 pytestmark = pytest.mark.oracle
 
-
-def data_map(path: Path) -> list[tuple[int, int]]:
-    """The (start, length) data extents of a file, as SEEK_DATA/SEEK_HOLE report them."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        out: list[tuple[int, int]] = []
-        pos = 0
-        while pos < size:
-            try:
-                d = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            h = os.lseek(fd, d, os.SEEK_HOLE)
-            out.append((d, h - d))
-            pos = h
-        return out
-    finally:
-        os.close(fd)
 
 
 def same_bytes(a: Path, b: Path, ranges: Sequence[tuple[int, int]] | None = None) -> bool:
