@@ -53,6 +53,7 @@ __all__ = [
     "SnapshotEntry",
     "UnsupportedFeatureError",
     "__version__",
+    "amend",
     "check",
     "commit",
     "create",
@@ -158,6 +159,23 @@ def commit(path: str, base: str | None = None, drop: bool = False, *, fmt: str |
         _commit(path, base, drop=drop, fmt=fmt, backing_policy=backing_policy)
     except OpenFailed as e:
         raise e.cause from None
+
+
+def amend(path: str, fmt: str | None = None, *, backing_policy: Policy = "beside",
+          **options: Any) -> None:
+    """Change an image's qcow2 options in place, like `qemu-img amend -o OPTIONS` (7.2).
+
+    Options are named as qemu-img's: compat ("0.10"/"v2" or "1.1"/"v3"; a downgrade turns
+    zero clusters into data or unallocated clusters), refcount_bits (1..64, rebuilding the
+    refcount structures; narrowing fails if a refcount does not fit), lazy_refcounts, size,
+    data_file (rename; "" removes the name), data_file_raw (off only), backing_file and
+    backing_fmt (only to their current values: use rebase). Raises what qcow2.open()
+    raises if the image does not open, ops.amend.AmendError (a Qcow2Error) with qemu-img's
+    message otherwise.
+    """
+    from .ops.amend import amend as _amend
+
+    _amend(path, fmt, backing_policy=backing_policy, **options)
 
 
 def __getattr__(name: str) -> Any:

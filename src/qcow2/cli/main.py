@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "measure": ("qcow2.cli.measure", "calculate the file size needed for a new image"),
     "rebase": ("qcow2.cli.rebase", "change the backing file of an image"),
     "commit": ("qcow2.cli.commit", "commit an image's changes into its backing file"),
+    "amend": ("qcow2.cli.amend", "change the format-specific options of an image"),
 }
 
 

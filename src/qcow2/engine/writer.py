@@ -204,6 +204,12 @@ class WritableQcow2Image(Qcow2Image):
 
         return delete_snapshot(self, name_or_id, snapshot_id=snapshot_id, name=name)
 
+    def amend(self, **options: Any) -> None:
+        """Change qcow2 options in place, as `qemu-img amend -o` (see qcow2.amend)."""
+        from .amend import amend, options_from_kwargs
+
+        amend(self, options_from_kwargs(options))
+
     def _guard(self, fn: Callable[..., None], *args: Any) -> None:
         if self.corrupt:
             raise CorruptImageError("Image is corrupt; cannot be written to", fatal=False)

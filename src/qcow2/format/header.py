@@ -394,3 +394,18 @@ def encode_header_cluster(h: Header, exts: HeaderExtensions, backing_file: str |
         raise ImageLimitError("Header, extensions and backing file name do not fit in one cluster")
     out[:len(h.encode())] = h.encode()
     return bytes(out) + bytes(cs - len(out))
+
+
+def encode_qemu_header(h: Header, exts: HeaderExtensions, backing_file: str | None) -> bytes:
+    """qcow2_update_header(): the whole first cluster from the in-memory state.
+
+    QEMU writes header_length = sizeof(QCowHeader) + the unknown fields it read, so a v3
+    header of 104 bytes comes back as 112, and the padding after compression_type is zeroed.
+    """
+    if h.version >= 3 and h.header_length < QEMU_HEADER_LENGTH:
+        h.header_length = QEMU_HEADER_LENGTH
+        h.tail_bytes = bytes(QEMU_HEADER_LENGTH - 105)
+    elif h.version >= 3:
+        pad = QEMU_HEADER_LENGTH - 105
+        h.tail_bytes = bytes(pad) + h.tail_bytes[pad:]
+    return encode_header_cluster(h, exts, backing_file)

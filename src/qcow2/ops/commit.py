@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING
 
 from ..errors import Qcow2Error
 from ..format import constants as C
+from ..format.header import encode_qemu_header
 from .rebase import (
     OpenFailed,
     RebaseError,
     allocated_above,
     blk_length,
     chain_status,
-    encode_qemu_header,
 )
 
 if TYPE_CHECKING:

@@ -16,12 +16,7 @@ from typing import TYPE_CHECKING, cast
 
 from ..errors import BackingChainError, ImageLimitError, Qcow2Error
 from ..format import constants as C
-from ..format.header import (
-    QEMU_HEADER_LENGTH,
-    Header,
-    HeaderExtensions,
-    encode_header_cluster,
-)
+from ..format.header import encode_qemu_header
 
 if TYPE_CHECKING:
     from ..engine.device import BlockDevice
@@ -154,21 +149,6 @@ def compare_sectors(a: memoryview, b: memoryview) -> tuple[bool, int]:
 
 
 # ----------------------------------------------------------------------------- header
-def encode_qemu_header(h: Header, exts: HeaderExtensions, backing_file: str | None) -> bytes:
-    """qcow2_update_header(): the whole first cluster from the in-memory state.
-
-    QEMU writes header_length = sizeof(QCowHeader) + the unknown fields it read, so a v3
-    header of 104 bytes comes back as 112, and the padding after compression_type is zeroed.
-    """
-    if h.version >= 3 and h.header_length < QEMU_HEADER_LENGTH:
-        h.header_length = QEMU_HEADER_LENGTH
-        h.tail_bytes = bytes(QEMU_HEADER_LENGTH - 105)
-    elif h.version >= 3:
-        pad = QEMU_HEADER_LENGTH - 105
-        h.tail_bytes = bytes(pad) + h.tail_bytes[pad:]
-    return encode_header_cluster(h, exts, backing_file)
-
-
 def rewrite_header(img: Qcow2Image) -> None:
     img.store.pwrite(0, encode_qemu_header(img.header, img.extensions, img.backing_file))
     img.store.flush()
