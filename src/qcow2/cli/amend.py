@@ -9,7 +9,7 @@ import getopt
 import sys
 from typing import TYPE_CHECKING
 
-from .common import fail, open_failure, write_out
+from .common import fail, open_failure, report_dirty_repair, write_out
 from .main import PROG, UsageError
 from .rebase import CACHE_MODES
 from .snapshot import RAW_PROBE_WARNING, _offending
@@ -107,6 +107,7 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
     except (Qcow2Error, OSError) as e:
         return fail(open_failure(filename, e))
     try:
+        report_dirty_repair(img)
         if img.format_name == "raw" and not args.fmt:
             sys.stderr.write(RAW_PROBE_WARNING.format(filename))
         if has_help_option(options):

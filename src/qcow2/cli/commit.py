@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from .common import cvtnum, fail, open_failure
+from .common import cvtnum, fail, open_failure, report_dirty_repair
 from .main import PROG, UsageError
 from .rebase import CACHE_MODES
+
+if TYPE_CHECKING:
+    from ..engine.device import BlockDevice
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(args.progress and not args.quiet, 1.0)
     started = False
 
-    def opened() -> None:
+    def opened(img: BlockDevice) -> None:
         nonlocal started
+        report_dirty_repair(img)
         started = True
         progress.print(0, 100)
 

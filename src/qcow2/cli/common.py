@@ -306,3 +306,13 @@ def open_failure(filename: str, exc: BaseException) -> str:
                    f"{os_reason(exc)}"
         return f"Could not open '{filename}': {os_reason(exc)}"
     return f"Could not open '{filename}': {exc}"
+
+
+def report_dirty_repair(img: object) -> None:
+    """QEMU repairs a dirty (lazy refcounts) image when it opens it read-write and prints
+    the check's diagnostics on stderr as it goes: print ours the same way."""
+    res = getattr(img, "repair_result", None)
+    if res is None:
+        return
+    for m in res.messages:
+        sys.stderr.write(f"{PROG}: {m.text}\n" if m.reported else f"{m.text}\n")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import fail, open_failure
+from .common import fail, open_failure, report_dirty_repair
 from .main import PROG, UsageError
 
 CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe")
@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
             return fail(f"Invalid source cache option: {args.src_cache}")
         try:
             rebase(args.filename[0], args.backing, args.backing_fmt, unsafe=args.unsafe,
-                   fmt=args.fmt, backing_policy="follow", progress=progress)
+                   fmt=args.fmt, backing_policy="follow", progress=progress,
+                   on_open=report_dirty_repair)
         except OpenFailed as e:
             return fail(open_failure(e.filename, e.cause))
         except (Qcow2Error, OSError) as e:

@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..errors import Qcow2Error
-from .common import fail, open_failure, qemu_strtosz
+from .common import fail, open_failure, qemu_strtosz, report_dirty_repair
 
 SHRINK_WARNING = ("warning: Shrinking an image will delete all data beyond the shrunken "
                   "image's end. Before performing such an operation, make sure there is no "
@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     except (Qcow2Error, OSError) as e:
         return fail(open_failure(args.filename, e))
     try:
+        report_dirty_repair(img)
         current = img.virtual_size
         new = current + amount if sign == "+" else current - amount if sign == "-" else amount
         if new <= 0:

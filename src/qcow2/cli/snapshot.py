@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from .common import fail, open_failure, write_out
+from .common import fail, open_failure, report_dirty_repair, write_out
 from .main import PROG, UsageError
 
 RAW_PROBE_WARNING = (
@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     except (Qcow2Error, OSError) as e:
         return fail(open_failure(filename, e))
     try:
+        report_dirty_repair(img)
         # The format is always probed (qemu-img snapshot has no -f).
         if not readonly and img.format_name == "raw":
             sys.stderr.write(RAW_PROBE_WARNING.format(filename))

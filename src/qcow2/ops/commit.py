@@ -63,7 +63,7 @@ def find_backing_image(top: BlockDevice, name: str) -> BlockDevice | None:
 
 def commit(path: str, base: str | None = None, *, drop: bool = False, fmt: str | None = None,
            backing_policy: Policy = "beside", progress: Progress | None = None,
-           on_open: Callable[[], None] | None = None) -> None:
+           on_open: Callable[[BlockDevice], None] | None = None) -> None:
     """Commit `path` into `base` (default: its backing file), as qemu-img commit.
 
     A named base implies drop (the top image is left as it is), as in qemu-img. Raises
@@ -78,7 +78,7 @@ def commit(path: str, base: str | None = None, *, drop: bool = False, fmt: str |
     except (Qcow2Error, OSError) as e:
         raise OpenFailed(path, e) from None
     if on_open is not None:
-        on_open()
+        on_open(top)
     try:
         if base is not None:
             base_ro = find_backing_image(top, base)

@@ -220,7 +220,8 @@ def _read(dev: BlockDevice, offset: int, n: int) -> bytearray:
 
 def rebase(path: str, backing: str | None, backing_fmt: str | None = None, *,
            unsafe: bool = False, fmt: str | None = None, backing_policy: Policy = "beside",
-           progress: Progress | None = None) -> None:
+           progress: Progress | None = None,
+           on_open: Callable[[BlockDevice], None] | None = None) -> None:
     """Rebase `path` onto `backing` ("" or None: no backing file), as qemu-img rebase.
 
     Raises OpenFailed (the image), RebaseError with qemu-img's message otherwise.
@@ -234,6 +235,8 @@ def rebase(path: str, backing: str | None, backing_fmt: str | None = None, *,
                          open_backing=not unsafe)
     except (Qcow2Error, OSError) as e:
         raise OpenFailed(path, e) from None
+    if on_open is not None:
+        on_open(img)
     new: BlockDevice | None = None
     opened_new = False
     try:
