@@ -52,8 +52,11 @@ class Progress:
         if current > 100:
             current = 100.0
         self.current = current
-        if (current > f32(self.last_print + self.min_skip) or current == 100
-                or current == 0):
+        # A report below the last printed one prints too (amend's operations each start
+        # their own projection, so its progress can go back).
+        if (current > f32(self.last_print + self.min_skip)
+                or current < f32(self.last_print - self.min_skip)
+                or current == 100 or current == 0):
             self.last_print = current
             self._show()
 
