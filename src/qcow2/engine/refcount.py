@@ -326,6 +326,46 @@ class Refcounts:
         self._dirty.clear()
         self.store.flush()
 
+    def shrink_table(self) -> None:
+        """qcow2_shrink_reftable(): refblocks that count nothing but themselves leave the
+        table (written durably first), then their own cluster is freed. A freed refblock is
+        dropped from the cache so that nothing writes it back past a truncated end."""
+        cb = self.cluster_bits
+        order = self.refcount_order
+        new = array("Q", self.table)
+        for i, e in enumerate(self.table):
+            off = e & C.REFT_OFFSET_MASK
+            if not off:
+                continue
+            blk = self._load(off)
+            own = off >> cb
+            if own >> self.block_bits == i:
+                idx = own & (self.per_block - 1)
+                saved = get_refcount(blk, idx, order)
+                set_refcount(blk, idx, order, 0)
+                unused = blk.count(0) == len(blk)
+                set_refcount(blk, idx, order, saved)
+            else:
+                unused = blk.count(0) == len(blk)
+            if unused:
+                new[i] = 0
+        if new == self.table:
+            return
+        raw = array("Q", new)
+        if byteorder == "little":
+            raw.byteswap()
+        self.store.pwrite(self.table_offset, raw.tobytes())
+        self.store.flush()
+        for i, e in enumerate(self.table):
+            off = e & C.REFT_OFFSET_MASK
+            if off and not new[i]:
+                self._update_range(off >> cb, 1, -1)
+                self.table[i] = 0
+                if not self.get(off >> cb):
+                    self._blocks.pop(off, None)
+                    self._dirty.discard(off)
+        self.flush_blocks()
+
     @property
     def has_pending_decreases(self) -> bool:
         return bool(self._pending_decreases)

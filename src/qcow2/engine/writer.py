@@ -787,11 +787,10 @@ class WritableQcow2Image(Qcow2Image):
         pos = lo
         while pos < hi:
             chunk_end = min(hi, (pos // span + 1) * span)
-            # Without an L2 table there is nothing to drop, unless v3 must mark the range
-            # zero over a backing file.
-            has_l2 = bool(self._l2_offset(pos >> (cb + self.l2_bits)))
-            if has_l2 or (not full and self.header.version >= 3 and self.backing is not None):
-                self._discard_in_table(pos, chunk_end, full)
+            # Even where there is no L2 table (nothing to drop), QEMU's discard_in_l2_slice()
+            # gets one through get_cluster_table(), which allocates it: so do we, for the
+            # same file layout.
+            self._discard_in_table(pos, chunk_end, full)
             pos = chunk_end
 
     def _discard_in_table(self, lo: int, hi: int, full: bool) -> None:
@@ -856,6 +855,8 @@ class WritableQcow2Image(Qcow2Image):
             self._discard_clusters(-(-new_size // cs) * cs, old, full=True)
             self.flush()
             self._shrink_l1(new_l1)
+            self.refcounts.shrink_table()
+            self._meta_clusters = None
             self._write_size(new_size)
             self._truncate_file_tail()
             return
