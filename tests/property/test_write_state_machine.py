@@ -1,5 +1,6 @@
-"""A hypothesis state machine of write / write_zeroes / discard / resize / flush / reopen on a
-qcow2 image against a bytearray model. Invariant: every read equals the model. At the end,
+"""A hypothesis state machine of write / write_zeroes / discard / resize / flush / reopen /
+amend (refcount width, compat, lazy refcounts) on a qcow2 image against a bytearray model.
+Invariant: every read equals the model; after an amend our check finds nothing. At the end,
 qemu-img check (when installed) finds no corruption and no leak."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import qcow2
+from qcow2.engine.amend import AmendError
 from qcow2.engine.writer import WritableQcow2Image
 from qcow2.format.builder import ImageSpec, build_image
 
@@ -72,6 +74,33 @@ class WriteMachine(RuleBasedStateMachine):
             del self.model[new:]
         else:
             self.model.extend(bytes(new - len(self.model)))
+
+    @rule(bits=st.sampled_from([1, 2, 8, 16, 64]))
+    def amend_refcount_bits(self, bits: int) -> None:
+        v2 = self.img.header.version < 3
+        try:
+            self.img.amend(refcount_bits=bits)
+        except AmendError as e:
+            assert v2 and bits != 16, e
+            return
+        assert self.img.header.refcount_bits == bits
+        self._checked()
+
+    @rule(compat=st.sampled_from(["0.10", "1.1"]), lazy=st.none() | st.booleans())
+    def amend_compat(self, compat: str, lazy: bool | None) -> None:
+        h = self.img.header
+        wide = h.refcount_bits != 16
+        try:
+            self.img.amend(compat=compat, lazy_refcounts=lazy)
+        except AmendError as e:
+            assert (compat == "0.10" and (wide or lazy)), e
+            return
+        assert self.img.header.version == (2 if compat == "0.10" else 3)
+        self._checked()
+
+    def _checked(self) -> None:
+        res = self.img.check()
+        assert not res.corruptions and not res.leaks and not res.check_errors, res.messages
 
     @rule()
     def flush(self) -> None:

@@ -349,10 +349,11 @@ def _expand_in_l2(img: WritableQcow2Image, l2_offset: int, l2_refcount: int) -> 
             raise CorruptImageError(
                 f"Cluster allocation offset {c_hex(offset)} unaligned (L2 offset: "
                 f"{c_hex(l2_offset)}, L2 index: {c_hex(j)})", offset=offset)
-        if offset and rc.get(offset >> img.cluster_bits) > 1:
+        if offset and rc.get(offset >> img.cluster_bits) > l2_refcount:
             # Deliberately unlike QEMU 7.2, which zeroes such a cluster in place: another
             # L2 table (a snapshot's) still reads its data, so this entry lets go of it and
-            # is expanded as if it had no cluster.
+            # is expanded as if it had no cluster. (Through a table shared by l2_refcount
+            # L1 tables, the cluster's refcount is l2_refcount without any other user.)
             dropped.append(offset)
             offset = 0
         if not offset:  # ZERO_PLAIN
@@ -382,7 +383,7 @@ def _expand_in_l2(img: WritableQcow2Image, l2_offset: int, l2_refcount: int) -> 
     img.store.flush()
     # the references this table let go of, only now that it no longer uses them
     for offset in dropped:
-        rc.increase(offset, cs, -1)
+        rc.increase(offset, cs, -l2_refcount)
     if dropped:
         rc.flush_blocks()
 
