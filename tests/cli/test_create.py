@@ -14,15 +14,8 @@ import qcow2
 from qcow2.cli.main import main
 from qcow2.format import constants as C
 from qcow2.format.header import Header, parse_extensions
-from qcow2.ops.create import (
-    CreateError,
-    format_line,
-    has_help_option,
-    is_valid_option_list,
-    option_help,
-    parse_create_options,
-    parse_size,
-)
+from qcow2.ops.create import CreateError, format_line, option_help, parse_create_options
+from qcow2.ops.qemu_opts import has_help_option, is_valid_option_list, parse_size
 
 MiB = 1 << 20
 DEFAULTS = "cluster_size=65536 extended_l2=off compression_type=zlib"

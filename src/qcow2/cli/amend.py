@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
-    from ..ops.create import is_valid_option_list
+    from ..ops.qemu_opts import is_valid_option_list
 
     args = list(argv or [])
     ns = argparse.Namespace(help=False, options=None, fmt=None, cache="writeback",
@@ -91,8 +91,8 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
 
     from ..errors import Qcow2Error
     from ..ops.amend import AmendError, amend_image, parse_amend_options
-    from ..ops.create import has_help_option
     from ..ops.progress import f32
+    from ..ops.qemu_opts import has_help_option
 
     options: str = args.options
     filename = args.filenames[0] if len(args.filenames) == 1 else None

@@ -11,13 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..ops.create import (
-    CreateError,
-    has_help_option,
-    img_create,
-    is_valid_option_list,
-    option_help,
-)
+from ..ops.create import CreateError, img_create, option_help
+from ..ops.qemu_opts import has_help_option, is_valid_option_list
 from .common import cvtnum, write_out
 from .main import PROG, UsageError, error_line
 

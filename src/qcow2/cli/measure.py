@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..ops.create import is_valid_option_list
+    from ..ops.qemu_opts import is_valid_option_list
 
     if args.output not in ("human", "json"):
         raise UsageError("--output must be used with human or json as argument.")

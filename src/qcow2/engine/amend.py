@@ -20,10 +20,10 @@ from __future__ import annotations
 import errno
 from array import array
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from sys import byteorder
 from typing import TYPE_CHECKING, Any
 
+from .._record import record
 from ..errors import CorruptImageError, Qcow2Error, c_hex
 from ..format import constants as C
 from ..format.header import QEMU_HEADER_LENGTH, encode_qemu_header
@@ -49,7 +49,7 @@ class AmendError(Qcow2Error):
         self.hint = hint
 
 
-@dataclass
+@record
 class AmendOptions:
     """The amendable options, as `qemu-img amend -o` names them; None: not given.
 
@@ -70,7 +70,8 @@ class AmendOptions:
 def options_from_kwargs(options: Mapping[str, Any]) -> AmendOptions:
     """API keywords (qemu-img's option names, '-' or '_') to AmendOptions."""
     opts = AmendOptions()
-    known = {f for f in AmendOptions.__dataclass_fields__ if f != "encrypt"}
+    known = {"size", "compat", "backing_file", "backing_fmt", "data_file", "data_file_raw",
+             "lazy_refcounts", "refcount_bits"}
     encrypt: dict[str, str] = {}
     for key, value in options.items():
         name = key.replace("-", "_")

@@ -53,10 +53,10 @@ class WritableQcow2Image(Qcow2Image):
         # low: QEMU repairs it (check with fix-errors|fix-leaks) on every read-write open and
         # refuses the open if that fails. The repair may rewrite the refcount structure, L1/L2
         # entries and the header, so everything read from the image is read again.
-        from .check import check_store
-
         self.repair_result: CheckResult | None = None
         if self.dirty:
+            from .check import check_store
+
             res = check_store(store, filename, "all")
             if res.failure is not None or res.check_errors:
                 raise CorruptImageError(

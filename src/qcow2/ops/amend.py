@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..engine.amend import AmendError, AmendOptions, StatusCallback, options_from_kwargs
 from ..engine.amend import amend as engine_amend
-from .create import (
+from .qemu_opts import (
     _FORMAT_OPTS,
     CreateError,
     _opt_number,

@@ -78,7 +78,7 @@ def prealloc_size(total_size: int, cluster_size: int, refcount_order: int,
 
 def _qcow2_options(opts: Mapping[str, str]) -> tuple[int, int, int, bool, str]:
     """The creation options qcow2_measure reads, checked in its order with its messages."""
-    from .create import _opt_number, _parse_bool, parse_size
+    from .qemu_opts import _opt_number, _parse_bool, parse_size
 
     extended_l2 = _parse_bool("extended_l2", opts.get("extended_l2", "off"))
     cluster_size = (parse_size(opts["cluster_size"]) if "cluster_size" in opts
@@ -166,7 +166,7 @@ def measure(out_fmt: str, opts: Mapping[str, str], size: int | None,
             raise MeasureError("Parameter 'encrypt.key-secret' is required for cipher")
         raise MeasureError(f"No secret with id '{secret}' found")
     if size is None:
-        from .create import parse_size
+        from .qemu_opts import parse_size
 
         size = parse_size(opts["size"]) if "size" in opts else 0
     virtual_size = -(-size // cluster_size) * cluster_size
