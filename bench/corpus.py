@@ -83,11 +83,12 @@ class Corpus:
     zstd: Path
     huge: Path
     small: Path
+    snaps: Path
     raw: Path | None = None  # the raw ext4 image (None if --drop-raw)
 
     def images(self) -> dict[str, Path]:
         imgs = {"plain": self.plain, "zlib": self.zlib, "zstd": self.zstd,
-                "huge": self.huge, "small": self.small}
+                "huge": self.huge, "small": self.small, "snaps": self.snaps}
         if self.raw is not None:
             imgs["raw"] = self.raw
         return imgs
@@ -203,7 +204,7 @@ def ensure(params: Params, *, keep_raw: bool = True, force: bool = False) -> Cor
     d = CORPUS_ROOT / params.profile
     d.mkdir(parents=True, exist_ok=True)
     c = Corpus(d, params, d / "plain.qcow2", d / "zlib.qcow2", d / "zstd.qcow2",
-               d / "huge.qcow2", d / "small.qcow2")
+               d / "huge.qcow2", d / "small.qcow2", d / "snaps.qcow2")
     manifest_path = d / "manifest.json"
     manifest: dict[str, object] = {}
     if manifest_path.exists() and not force:
@@ -278,6 +279,31 @@ def ensure(params: Params, *, keep_raw: bool = True, force: bool = False) -> Cor
             run([*argv, str(tmp)], stdout=subprocess.DEVNULL)
         _atomic(c.small, mk_small)
         built["small.qcow2"] = {"key": small_key}
+        save()
+    # Many internal snapshots whose L2 tables have diverged: `check` walks every snapshot's
+    # tree. 64 GiB virtual, one 64 KiB write every 32 MiB (128 L2 tables), then per snapshot
+    # 16 writes spread over the image (each copies the L2 tables it hits) and `snapshot -c`.
+    n_snaps = 100 if params.profile == "full" else 20
+    snaps_key = {"snapshots": n_snaps, "v": 1}
+    if not fresh("snaps.qcow2", snaps_key):
+        def mk_snaps(tmp: Path) -> None:
+            run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), "64G"])
+            slots = 2048
+            argv = ["qemu-io", "-f", "qcow2"]
+            for k in range(slots):
+                argv += ["-c", f"write -P {k % 255 + 1} {k * 32}M 64k"]
+            run([*argv, str(tmp)], stdout=subprocess.DEVNULL)
+            for i in range(n_snaps):
+                argv = ["qemu-io", "-f", "qcow2"]
+                for k in range(16):
+                    slot = (i * 37 + k * 131) % slots
+                    argv += ["-c", f"write -P {i % 255 + 1} {slot * 32}M 4k"]
+                run([*argv, str(tmp)], stdout=subprocess.DEVNULL)
+                run(["qemu-img", "snapshot", "-c", f"snap{i}", str(tmp)])
+        t0 = time.monotonic()
+        _atomic(c.snaps, mk_snaps)
+        built["snaps.qcow2"] = {"key": snaps_key, "seconds": round(time.monotonic() - t0, 1),
+                                "file_bytes": c.snaps.stat().st_size}
         save()
     save()
     return c
