@@ -76,3 +76,26 @@ def test_resize_errors(tmp_path: Path) -> None:
         ro = _ours("resize", p, *args)
         assert ro.returncode == rq.returncode == 1
         assert ro.stderr.replace("qcow2:", "qemu-img:") == rq.stderr
+
+
+@pytest.mark.parametrize("opts", ["", ",extended_l2=on", ",cluster_size=4096",
+                                  ",data_file_raw=off"])
+@pytest.mark.parametrize("size", ["128M", "100000K", "67109376", "32M"])
+def test_resize_data_file_matches_qemu_img(tmp_path: Path, opts: str, size: str) -> None:
+    """The data file is resized with the image. Growing a data-file-raw image also maps the
+    new clusters to themselves in the data file (QEMU preallocates their metadata) and grows
+    the data file to a whole subcluster."""
+    dirs = [tmp_path / "q", tmp_path / "o"]
+    for d in dirs:
+        d.mkdir()
+        qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file=d.raw,data_file_raw=on{opts}".replace(
+                     "on,data_file_raw=off", "off"),
+                 "a.qcow2", "64M", cwd=d)
+        subprocess.run(["qemu-io", "-c", "write -P 1 0 1M", "a.qcow2"], cwd=d, check=True,
+                       capture_output=True)
+    args = ["--shrink", "a.qcow2", size] if size == "32M" else ["a.qcow2", size]
+    rq = qemu_img("resize", *args, cwd=dirs[0], check=False)
+    ro = subprocess.run([*OURS, "resize", *args], capture_output=True, text=True, cwd=dirs[1])
+    assert (ro.returncode, ro.stdout) == (rq.returncode, rq.stdout), ro.stderr
+    for name in ("a.qcow2", "d.raw"):
+        assert (dirs[1] / name).read_bytes() == (dirs[0] / name).read_bytes(), name

@@ -857,12 +857,21 @@ class WritableQcow2Image(Qcow2Image):
             self._shrink_l1(new_l1)
             self.refcounts.shrink_table()
             self._meta_clusters = None
+            if self.has_data_file and self.data_store.size() > new_size:
+                # QEMU truncates an external data file with the image
+                self.data_store.truncate(new_size)
+                self.data_store.flush()
             self._write_size(new_size)
             self._truncate_file_tail()
             return
         if new_l1 > self.l1_size:
             self._grow_l1(new_l1)
         self._write_size(new_size)
+        if self.has_data_file and self.data_store.size() < new_size:
+            self.data_store.truncate(new_size)
+            self._data_dirty = True
+        if self.data_file_raw:
+            self._map_raw_data_file(old, new_size)
         if self.backing is not None and self.backing.virtual_size > old:
             zero_start = -(-old // self.subcluster_size) * self.subcluster_size
             if zero_start > old:
@@ -874,6 +883,35 @@ class WritableQcow2Image(Qcow2Image):
                     self.write(pos, bytes(n))
                     pos += n
             self.flush()
+
+    def _map_raw_data_file(self, start: int, end: int) -> None:
+        """A data-file-raw image that grows maps the new clusters to themselves in the data
+        file, which grows to the new size, as QEMU does (it preallocates their metadata): the
+        raw file must stay the guest's view and every cluster of it stays allocated."""
+        cs, cb = self.cluster_size, self.cluster_bits
+        span = 1 << (cb + self.l2_bits)
+        scs = self.subcluster_size
+        pos = -(-start // cs) * cs
+        data_end = -(-end // scs) * scs
+        if self.data_store.size() < data_end:
+            self.data_store.truncate(data_end)
+            self._data_dirty = True
+        while pos < end:
+            chunk_end = min(end, (pos // span + 1) * span)
+            l2_off, table = self._l2_for_write(pos >> (cb + self.l2_bits))
+            for cl in range(pos >> cb, ((chunk_end - 1) >> cb) + 1):
+                idx = cl & (self.l2_entries - 1)
+                entry = (cl << cb) | C.QCOW_OFLAG_COPIED
+                if self.extended_l2:
+                    if table[2 * idx] or table[2 * idx + 1]:
+                        continue
+                    # mapped, its subclusters unallocated (QEMU's preallocation)
+                    table[2 * idx] = entry
+                elif not table[idx]:
+                    table[idx] = entry
+            self._dirty_l2[l2_off] = table
+            pos = chunk_end
+        self.flush()
 
     def _write_size(self, new_size: int) -> None:
         self.store.pwrite(24, struct.pack(">Q", new_size))
