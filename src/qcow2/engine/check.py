@@ -27,18 +27,23 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from ..errors import Qcow2Error
+from ..errors import ImageLimitError, Qcow2Error
 from ..format import constants as C
 from ..format.header import Header
 
 if TYPE_CHECKING:
+    from ..format.snapshot import SnapshotEntry
     from ..io import ByteStore
+    from .refcount import Refcounts
 
 Repair = Literal["leaks", "all"] | None
 
 FIX_LEAKS = 1
 FIX_ERRORS = 2
 INT_MAX = (1 << 31) - 1
+# The largest offset + length the block layer accepts (BDRV_MAX_LENGTH): INT64_MAX aligned
+# down to BDRV_MAX_ALIGNMENT (1 GiB).
+BDRV_MAX_LENGTH = C.INT64_MAX & ~((1 << 30) - 1)
 
 # Bitmap limits and masks (block/qcow2-bitmap.c).
 BME_MAX_TABLE_SIZE = 0x8000000
@@ -159,6 +164,7 @@ class _Fail(Exception):
 
 
 EIO = "Input/output error"
+EAGAIN = "Resource temporarily unavailable"
 EINVAL = "Invalid argument"
 EFBIG = "File too large"
 ENOMEM = "Cannot allocate memory"
@@ -176,6 +182,49 @@ class _Snapshot:
     id_str: str
     name: str
     extra_data_size: int
+
+
+def _snapshot_entry(hdr: bytes, extra: bytes, id_b: bytes, name_b: bytes,
+                    virtual_size: int) -> SnapshotEntry:
+    """A snapshot table entry as QEMU holds it in memory after reading it (and rewrites it):
+    the names cut at their first NUL, the extra data (at most 1024 bytes kept) with its known
+    fields, every entry given at least the 16 bytes of extra data a v3 image needs."""
+    from ..format.snapshot import SnapshotEntry
+
+    l1_off, l1_size, _, _, dsec, dnsec, vmclock, vmsize, _ = struct.unpack(">QIHHIIQII", hdr)
+    e = SnapshotEntry(l1_table_offset=l1_off, l1_size=l1_size,
+                      id_str=id_b.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"),
+                      name=name_b.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"),
+                      date_sec=dsec, date_nsec=dnsec, vm_clock_nsec=vmclock,
+                      vm_state_size=vmsize, extra_data_size=max(16, len(extra)))
+    e.vm_state_size_large = int.from_bytes(extra[0:8], "big") if len(extra) >= 8 else vmsize
+    e.disk_size = int.from_bytes(extra[8:16], "big") if len(extra) >= 16 else virtual_size
+    if len(extra) >= 24:
+        ic = int.from_bytes(extra[16:24], "big")
+        e.icount = ic - (1 << 64) if ic >> 63 else ic
+        e.unknown_extra_data = bytes(extra[24:])
+    else:
+        e.icount = None
+    return e
+
+
+class _Window:
+    """Reads through a 1 MiB window: a snapshot table is read as many small pieces."""
+
+    SIZE = 1 << 20
+
+    def __init__(self, store: ByteStore) -> None:
+        self.store = store
+        self.start = 0
+        self.buf = b""
+
+    def read(self, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset` (offset + length <= BDRV_MAX_LENGTH)."""
+        if not self.start <= offset <= offset + length <= self.start + len(self.buf):
+            self.buf = self.store.pread(offset, min(max(length, self.SIZE),
+                                                    BDRV_MAX_LENGTH - offset))
+            self.start = offset
+        return self.buf[offset - self.start:offset - self.start + length]
 
 
 # ---------------------------------------------------------------------- refcount width codecs
@@ -367,6 +416,8 @@ class _Checker:
         self.cluster_offset_mask = (1 << self.csize_shift) - 1
         self.rt_entries = h.refcount_table_clusters * self.cs // 8
         self.snapshots: list[_Snapshot] = []
+        # The raw entries as read (header, kept extra data, ID, name): QEMU's in-memory table.
+        self._snapshot_entries: list[tuple[bytes, bytes, bytes, bytes]] = []
         self.snapshots_offset = 0
         self.snapshots_size = 0
         self.nb_snapshots = 0
@@ -552,15 +603,33 @@ class _Checker:
         offset = self.snapshots_offset
         table_length = 0
         snaps: list[_Snapshot] = []
+        entries: list[tuple[bytes, bytes, bytes, bytes]] = []
         i = 0
+
+        window = _Window(self.store)
+
+        def read(offset: int, length: int) -> bytes:
+            # bdrv_pread() refuses requests past BDRV_MAX_LENGTH; past EOF reads zeros.
+            if offset > BDRV_MAX_LENGTH or length > BDRV_MAX_LENGTH - offset:
+                res.check_errors += 1
+                self.say("ERROR failed to read the snapshot table: Failed to read snapshot "
+                         f"table: {EIO}", reported=True)
+                self.snapshots_offset = 0
+                raise _Fail(EIO)
+            return window.read(offset, length)
+
         while i < nb:
             pre = offset
             table_length = (table_length + 7) & ~7
             offset = (offset + 7) & ~7
-            hdr = self.store.pread(offset, 40)
+            hdr = read(offset, 40)
             offset += 40
             l1_off, l1_size, id_size, name_size = struct.unpack_from(">QIHH", hdr, 0)
             extra_size = struct.unpack_from(">I", hdr, 36)[0]
+            # What QEMU keeps in memory: the known fields, then at most
+            # QCOW_MAX_SNAPSHOT_EXTRA_DATA bytes in all (more fails the read unless
+            # repairing, which truncates).
+            extra = read(offset, min(24, extra_size))
             truncate = False
             if extra_size > C.QCOW_MAX_SNAPSHOT_EXTRA_DATA:
                 if not repair:
@@ -574,14 +643,15 @@ class _Checker:
                          f"({extra_size} > {C.QCOW_MAX_SNAPSHOT_EXTRA_DATA})")
                 dropped += 1
                 truncate = True
-            offset += min(16, extra_size)
+            offset += min(24, extra_size)
             kept_extra = extra_size
-            if extra_size > 16:
-                extra_end = offset + extra_size - 16
+            if extra_size > 24:
+                extra_end = offset + extra_size - 24
                 if truncate:
                     kept_extra = C.QCOW_MAX_SNAPSHOT_EXTRA_DATA
+                extra += read(offset, kept_extra - 24)
                 offset = extra_end
-            strings = self.store.pread(offset, id_size + name_size)
+            strings = read(offset, id_size) + read(offset + id_size, name_size)
             offset += id_size + name_size
             id_str = strings[:id_size].split(b"\0", 1)[0].decode("utf-8", "replace")
             name = strings[id_size:].split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -601,8 +671,10 @@ class _Checker:
                 offset = pre
                 break
             snaps.append(_Snapshot(l1_off, l1_size, id_str, name, kept_extra))
+            entries.append((hdr, extra, strings[:id_size], strings[id_size:]))
             i += 1
         self.snapshots = snaps
+        self._snapshot_entries = entries
         self.nb_snapshots = len(snaps)
         self.snapshots_size = offset - self.snapshots_offset if snaps else 0
         res.corruptions += reduced + dropped
@@ -618,28 +690,29 @@ class _Checker:
                     res.corruptions += 1
                     self.say(f"{self.fixing(FIX_ERRORS)} snapshot table entry {k} is "
                              "incomplete")
-        self._snapshot_dropped = dropped
 
     def check_fix_snapshot_table(self, res: _Res) -> None:
         """qcow2_check_fix_snapshot_table(): rewrite the table when it had fixable faults."""
         if res.corruptions and self.fix & FIX_ERRORS:
             try:
                 self._rewrite_snapshot_table()
-            except (Qcow2Error, _Fail) as e:
+            except (Qcow2Error, OSError, _Fail) as e:
+                reason = e.reason if isinstance(e, _Fail) else EIO
+                if isinstance(e, OSError) and e.strerror:
+                    reason = e.strerror
                 res.check_errors += 1
-                self.say(f"ERROR failed to update snapshot table: {e}")
-                raise _Fail(EIO) from None
+                self.say(f"ERROR failed to update snapshot table: {reason}")
+                raise _Fail(reason) from None
             res.corruptions_fixed += res.corruptions
             res.corruptions = 0
 
     def _rewrite_snapshot_table(self) -> None:
         """qcow2_write_snapshots(): a complete table at a new place, then the header, then
         the old table is freed (every entry with at least 16 bytes of extra data)."""
-        from ..format.snapshot import SnapshotEntry, encode_snapshot_table
+        from ..format.snapshot import encode_snapshot_table
         from .refcount import Refcounts
 
         self.disk.flush()
-        raw_entries = self._read_snapshot_entries()
         h = self.h
 
         def set_reftable(off: int, clusters: int) -> None:
@@ -649,61 +722,93 @@ class _Checker:
 
         rc = Refcounts(self.store, h.cluster_bits, h.refcount_order, h.refcount_table_offset,
                        h.refcount_table_clusters, set_reftable)
-        entries: list[SnapshotEntry] = raw_entries
+        # The table as read by the check (the old one may have been discarded meanwhile: a
+        # table the check found unreferenced is freed as a leak).
+        entries = [_snapshot_entry(*raw, self.virtual_size) for raw in self._snapshot_entries]
         probe = encode_snapshot_table(entries, 0)
-        new_off = rc.alloc_clusters(max(1, -(-len(probe) // self.cs)))
-        rc.flush_blocks()
+        if len(probe) > QCOW_MAX_SNAPSHOTS_SIZE:
+            # every entry is written with at least 24 bytes of extra data: it may outgrow
+            # the limit the table was read with
+            raise _Fail(EFBIG)
+        nclusters = -(-len(probe) // self.cs)
+        if nclusters:
+            new_off = rc.alloc_clusters(nclusters)
+            rc.flush_blocks()
+        else:
+            # qcow2_alloc_clusters(0) allocates nothing and returns the free cluster index
+            # (0 here: the check has not allocated anything): an empty table there.
+            new_off = rc.free_cluster_index << self.cbits
         data = encode_snapshot_table(entries, new_off)
+        # The new clusters must be free; they are not when the check did not count the old
+        # table (it runs past the end of the file) and the allocation landed in it.
+        if not self.prevent_overlap(new_off, len(data)):
+            # QEMU frees the new clusters again (QCOW2_DISCARD_ALWAYS): the refcount drop
+            # stays in its cache of a node it no longer writes, but the discard happens.
+            self.store.punch_hole(new_off, nclusters * self.cs)
+            raise _Fail(EIO)
         self.store.pwrite(new_off, data)
         self.store.flush()
         self.store.pwrite(60, struct.pack(">IQ", len(entries), new_off))
         self.store.flush()
         if self.snapshots_size:
-            rc.queue_decrease(self.snapshots_offset, self.snapshots_size)
-            freed = rc.apply_decreases()
-            rc.flush_blocks()
-            # QCOW2_DISCARD_SNAPSHOT: the old table's clusters go back to the file system.
-            for off, length in freed:
-                self.store.punch_hole(off, length)
+            self._free_old_snapshot_table(rc)
         self.snapshots_offset = new_off
         self.snapshots_size = len(data)
         self.wrote = True
 
-    def _read_snapshot_entries(self) -> list[Any]:
-        from ..format.snapshot import SnapshotEntry
+    def _free_old_snapshot_table(self, rc: Refcounts) -> None:
+        """qcow2_free_clusters() of the old table, which may fail without failing the rewrite.
 
-        out: list[SnapshotEntry] = []
-        offset = self.h.snapshots_offset
-        for _ in self.snapshots:
-            offset = (offset + 7) & ~7
-            hdr = self.store.pread(offset, 40)
-            (l1_off, l1_size, id_size, name_size, dsec, dnsec, vmclock, vmsize,
-             extra_size) = struct.unpack(">QIHHIIQII", hdr)
-            offset += 40
-            extra = self.store.pread(offset, min(extra_size, C.QCOW_MAX_SNAPSHOT_EXTRA_DATA))
-            offset += extra_size
-            strings = self.store.pread(offset, id_size + name_size)
-            offset += id_size + name_size
-            e = SnapshotEntry(l1_table_offset=l1_off, l1_size=l1_size,
-                              id_str=strings[:id_size].split(b"\0", 1)[0].decode(
-                                  "utf-8", "surrogateescape"),
-                              name=strings[id_size:].split(b"\0", 1)[0].decode(
-                                  "utf-8", "surrogateescape"),
-                              date_sec=dsec, date_nsec=dnsec, vm_clock_nsec=vmclock,
-                              vm_state_size=vmsize, extra_data_size=max(16, len(extra)))
-            e.vm_state_size_large = (int.from_bytes(extra[0:8], "big") if len(extra) >= 8
-                                     else vmsize)
-            e.disk_size = (int.from_bytes(extra[8:16], "big") if len(extra) >= 16
-                           else self.virtual_size)
-            if len(extra) >= 24:
-                ic = int.from_bytes(extra[16:24], "big")
-                e.icount = ic - (1 << 64) if ic >> 63 else ic
-                e.unknown_extra_data = bytes(extra[24:])
-            else:
-                e.icount = None
-                e.extra_data_size = max(16, len(extra))
-            out.append(e)
-        return out
+        QEMU's update_refcount() goes cluster by cluster. A cluster without a refblock gets
+        one allocated (alloc_refcount_block()), and the update stops with EAGAIN; a refcount
+        that would drop below zero (an old table the check did not count, one past the end
+        of the file, and freed as leaked) stops it with EINVAL. Either way what was done is
+        undone, nothing is discarded, and only a message is printed.
+        """
+        first = self.snapshots_offset >> self.cbits
+        last = (self.snapshots_offset + self.snapshots_size - 1) >> self.cbits
+        for ci in range(first, last + 1):
+            if not rc._block_offset(ci >> rc.block_bits):
+                try:
+                    self._alloc_refcount_block(rc, ci)
+                    reason = EAGAIN
+                except ImageLimitError:
+                    reason = EFBIG
+                except OSError as e:
+                    reason = e.strerror or EIO
+                self.say(f"qcow2_free_clusters failed: {reason}")
+                return
+            if rc.get(ci) == 0:
+                self.say(f"qcow2_free_clusters failed: {EINVAL}")
+                return
+        rc.queue_decrease(self.snapshots_offset, self.snapshots_size)
+        freed = rc.apply_decreases()
+        rc.flush_blocks()
+        # QCOW2_DISCARD_SNAPSHOT: the old table's clusters go back to the file system.
+        for off, length in freed:
+            self.store.punch_hole(off, length)
+
+    def _alloc_refcount_block(self, rc: Refcounts, cluster: int) -> None:
+        """alloc_refcount_block() for a cluster no refblock covers, in QEMU's order.
+
+        Within the refcount table, Refcounts creates the block as QEMU does. Past its end,
+        QEMU first allocates the refblock (refcount 1, written empty), then grows the table
+        with the block hooked in; a table that cannot grow leaves that cluster leaked.
+        """
+        rt = cluster >> rc.block_bits
+        if rt < len(rc.table):
+            rc._ensure_blocks(cluster, 1)
+            rc.flush_blocks()
+            return
+        block = rc.alloc_clusters(1)
+        rc.flush_blocks()
+        self.store.pwrite(block, bytes(self.cs))
+        self.store.flush()
+        rc._grow_table(rt)
+        rc.table[rt] = block
+        self.store.pwrite(rc.table_offset + rt * 8, struct.pack(">Q", block))
+        self.store.flush()
+        rc.flush_blocks()   # the old table's clusters freed
 
     # ------------------------------------------------------------------ refcounts
     def check_refcounts(self, res: _Res) -> None:
@@ -806,7 +911,10 @@ class _Checker:
         """qcow2_inc_refcounts_imrt()."""
         if size <= 0:
             return
-        if offset + size - self.file_len >= self.cs:
+        # QEMU's offset is an int64_t: a snapshot's L1 offset of 2^63 or more is negative
+        # there, passes this test, and then sizes the IMRT (which fails, ENOMEM)
+        signed = offset - (1 << 64) if offset >> 63 else offset
+        if signed + size - self.file_len >= self.cs:
             self.say("ERROR: counting reference for region exceeding the end of the file by "
                      f"one cluster or more: offset {c_x(offset)} size {c_x(size)}")
             res.corruptions += 1
@@ -902,6 +1010,11 @@ class _Checker:
         if not l1_size:
             return
         self.inc_refcounts(res, l1_offset, l1_size * 8)
+        if l1_offset > BDRV_MAX_LENGTH or l1_size * 8 > BDRV_MAX_LENGTH - l1_offset:
+            # a snapshot's L1 table out of the block layer's reach: bdrv_pread() fails
+            self.say("ERROR: I/O error in check_refcounts_l1")
+            res.check_errors += 1
+            raise _Fail(EIO)
         for _, entry in self._nonzero_u64(l1_offset, l1_size):
             if entry & C.L1E_RESERVED_MASK:
                 self.say(f"ERROR found L1 entry with reserved bits set: {entry:x}")

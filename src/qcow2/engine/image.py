@@ -97,7 +97,9 @@ class Qcow2Image(BlockDevice):
                     table = None
             raise UnsupportedFeatureError(
                 unsupported_features_message(h.incompatible_features, table))
-        h.validate()
+        # qemu-img check opens with BDRV_O_CHECK: the snapshot table is neither validated nor
+        # read (the check reads it itself) and a missing refcount table is accepted.
+        h.validate(check_mode=check_mode)
         if h.incompatible_features & C.QCOW2_INCOMPAT_CORRUPT and not readonly and not check_mode:
             raise ReadOnlyImageError("qcow2: Image is corrupt; cannot be opened read/write")
         cs = h.cluster_size
@@ -139,7 +141,7 @@ class Qcow2Image(BlockDevice):
         self.l2_cache = TableCache(cs, l2_cache_size or DEFAULT_L2_CACHE_BYTES, self._load_l2)
         self._zlib_cache_key: int | None = None
         self._zlib_cache_val = b""
-        self.snapshots: list[SnapshotEntry] = self._read_snapshots()
+        self.snapshots: list[SnapshotEntry] = [] if check_mode else self._read_snapshots()
         self.bitmaps: list[BitmapDirEntry] = self._read_bitmaps()
         self._refblock_cache: dict[int, bytes] = {}
         self._metadata_prealloc: bool | None = None

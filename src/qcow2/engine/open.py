@@ -88,9 +88,13 @@ def open_file(path: str, writable: bool = False) -> FileStore:
 def open_image(path: str, fmt: str | None = None, readonly: bool = True, *,
                snapshot: str | None = None, backing_policy: Policy = "beside",
                open_backing: bool = True, data_file: str | None = None,
-               l2_cache_size: int | None = None, _depth: int = 0,
+               l2_cache_size: int | None = None, check_mode: bool = False, _depth: int = 0,
                _seen: frozenset[str] = frozenset()) -> BlockDevice:
-    """Open `path` as qcow2/qcow/raw (probed unless `fmt`), with its backing chain."""
+    """Open `path` as qcow2/qcow/raw (probed unless `fmt`), with its backing chain.
+
+    check_mode: open as `qemu-img check` does (BDRV_O_CHECK, inherited by the backing chain):
+    qcow2 layers skip the snapshot table and may lack a refcount table (read-only only).
+    """
     if fmt is not None and fmt not in FORMATS:
         raise InvalidImageError(f"Unknown driver '{fmt}'")
     try:
@@ -103,7 +107,7 @@ def open_image(path: str, fmt: str | None = None, readonly: bool = True, *,
         return _open_store(store, path, fmt, readonly, snapshot=snapshot,
                            backing_policy=backing_policy, open_backing=open_backing,
                            data_file=data_file, l2_cache_size=l2_cache_size, depth=_depth,
-                           seen=_seen | {os.path.realpath(path)})
+                           seen=_seen | {os.path.realpath(path)}, check_mode=check_mode)
     except BaseException:
         store.close()
         raise
@@ -112,7 +116,7 @@ def open_image(path: str, fmt: str | None = None, readonly: bool = True, *,
 def _open_store(store: ByteStore, path: str, fmt: str | None, readonly: bool, *,
                 snapshot: str | None, backing_policy: Policy, open_backing: bool,
                 data_file: str | None, l2_cache_size: int | None, depth: int,
-                seen: frozenset[str]) -> BlockDevice:
+                seen: frozenset[str], check_mode: bool = False) -> BlockDevice:
     actual = fmt or probe_format(store)
     dev: BlockDevice
     if actual == "raw":
@@ -128,7 +132,8 @@ def _open_store(store: ByteStore, path: str, fmt: str | None, readonly: bool, *,
         backing_fmt = None
     else:
         if readonly:
-            img = Qcow2Image(store, path, readonly=True, l2_cache_size=l2_cache_size)
+            img = Qcow2Image(store, path, readonly=True, l2_cache_size=l2_cache_size,
+                             check_mode=check_mode)
         else:
             from .writer import WritableQcow2Image
 
@@ -156,7 +161,8 @@ def _open_store(store: ByteStore, path: str, fmt: str | None, readonly: bool, *,
             raise BackingChainError(f"Could not open backing file: Unknown driver '{backing_fmt}'")
         try:
             dev.backing = open_image(full, backing_fmt, True, backing_policy=backing_policy,
-                                     l2_cache_size=l2_cache_size, _depth=depth + 1, _seen=seen)
+                                     l2_cache_size=l2_cache_size, check_mode=check_mode,
+                                     _depth=depth + 1, _seen=seen)
         except BackingChainError as e:
             msg = str(e)
             dev.close()

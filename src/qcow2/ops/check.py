@@ -55,7 +55,7 @@ def check(filename: str, fmt: str | None = None, repair: Repair = None) -> Check
     # Opening the whole chain read-only first gives qemu-img's open errors (backing and data
     # files included) before anything is written.
     try:
-        dev = open_image(filename, fmt, True, backing_policy="follow")
+        dev = open_image(filename, fmt, True, backing_policy="follow", check_mode=True)
     except (Qcow2Error, OSError) as e:
         raise OpenFailed(filename, e) from None
     try:
