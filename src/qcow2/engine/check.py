@@ -41,6 +41,8 @@ Repair = Literal["leaks", "all"] | None
 FIX_LEAKS = 1
 FIX_ERRORS = 2
 INT_MAX = (1 << 31) - 1
+# References of L2 tables remembered for their next visit (8 bytes each): 32 MiB at most.
+_L2_REFS_CACHE_MAX = 4 << 20
 # The largest offset + length the block layer accepts (BDRV_MAX_LENGTH): INT64_MAX aligned
 # down to BDRV_MAX_ALIGNMENT (1 GiB).
 BDRV_MAX_LENGTH = C.INT64_MAX & ~((1 << 30) - 1)
@@ -416,6 +418,8 @@ class _Checker:
         self.cluster_offset_mask = (1 << self.csize_shift) - 1
         self.rt_entries = h.refcount_table_clusters * self.cs // 8
         self.snapshots: list[_Snapshot] = []
+        self._l2_refs: dict[int, list[Any]] = {}
+        self._l2_refs_n = 0
         # The raw entries as read (header, kept extra data, ID, name): QEMU's in-memory table.
         self._snapshot_entries: list[tuple[bytes, bytes, bytes, bytes]] = []
         self.snapshots_offset = 0
@@ -952,6 +956,8 @@ class _Checker:
             else:
                 n = nb_clusters
             self._imrt_reset(n)
+            self._l2_refs = {}
+            self._l2_refs_n = 0
             rebuild = self._calculate(res, fix)
             self._flush_pending()
             if self.exact:
@@ -1029,11 +1035,19 @@ class _Checker:
 
     def check_refcounts_l2(self, res: _Res, l2_offset: int, frag: bool, fix: int,
                            active: bool) -> None:
+        # An L2 table shared by several snapshots is visited once per tree that uses it;
+        # when a visit found nothing to report, the later ones only count its references
+        # again. (Only the active tree's visit, with frag, has more to count.)
+        cached = None if frag else self._l2_refs.get(l2_offset)
+        if cached is not None:
+            for r in cached:
+                self._defer(r)
+            return
         raw = self.store.pread(l2_offset, self.cs)
-        if self.exact or not self._l2_fast(res, raw, frag):
+        if self.exact or not self._l2_fast(res, raw, frag, l2_offset):
             self._l2_slow(res, raw, l2_offset, frag, fix, active)
 
-    def _l2_fast(self, res: _Res, raw: bytes, frag: bool) -> bool:
+    def _l2_fast(self, res: _Res, raw: bytes, frag: bool, l2_offset: int = -1) -> bool:
         """Count an L2 table that has nothing to report with vector operations.
 
         Returns False (nothing counted) when any entry needs a diagnostic or a repair: the
@@ -1106,6 +1120,10 @@ class _Checker:
                 res.fragmented_clusters += int((aoff[1:] != aoff[:-1] + u(self.cs)).sum())
         for r in refs:
             self._defer(r)
+        n = sum(len(r) for r in refs)
+        if l2_offset >= 0 and self._l2_refs_n + n <= _L2_REFS_CACHE_MAX:
+            self._l2_refs[l2_offset] = refs
+            self._l2_refs_n += n
         return True
 
     def _l2_slow(self, res: _Res, raw: bytes, l2_offset: int, frag: bool, fix: int,
