@@ -131,6 +131,35 @@ class Refcounts:
             self._update_range(start, n, 1)
             return start << self.cluster_bits
 
+    def alloc_clusters_at(self, host_offset: int, n: int) -> int:
+        """qcow2_alloc_clusters_at(): allocate the free clusters that start exactly at
+        `host_offset` (at most n); returns how many (0: the first one is in use).
+
+        Unlike alloc_clusters(), the free-cluster index does not move past the run first: as
+        in QEMU's update_refcount(), the clusters before a missing refblock are counted
+        before that refblock is placed (so it lands after them, often inside the run), then
+        the update is undone (-EAGAIN) and the free clusters are counted again.
+        """
+        first = host_offset >> self.cluster_bits
+        while True:
+            k = 0
+            while k < n and not self.get(first + k):
+                k += 1
+            if not k:
+                return 0
+            missing = next((ci for ci in range(first, first + k, 1)
+                            if (ci == first or not ci & (self.per_block - 1))
+                            and not self._block_offset(ci >> self.block_bits)), None)
+            if missing is None:
+                self._update_range(first, k, 1)
+                return k
+            if missing > first:
+                self._update_range(first, missing - first, 1)
+            self._create_block(missing >> self.block_bits)
+            self.free_cluster_index = min(self.free_cluster_index, first)
+            if missing > first:
+                self._update_range(first, missing - first, -1)
+
     def _ensure_blocks(self, start: int, n: int) -> bool:
         """Create missing refblocks covering clusters [start, start+n). True if any was made."""
         made = False
@@ -143,11 +172,12 @@ class Refcounts:
         return made
 
     def _create_block(self, rt_index: int) -> None:
-        if rt_index >= len(self.table):
-            self._grow_table(rt_index)
-            if self._block_offset(rt_index):
-                return
+        """alloc_refcount_block(): the block is placed first (describing itself if it can);
+        a refcount table too small for it then grows around it (QEMU's order, which decides
+        where the block and the new table land)."""
         new = self._find_free(1)
+        # alloc_clusters_noref() leaves the free-cluster index after the block
+        self.free_cluster_index = new + 1
         blk = bytearray(self.cluster_size)
         if new >> self.block_bits == rt_index:
             # The block describes itself.
@@ -165,17 +195,21 @@ class Refcounts:
         # The block reaches disk before the table entry that points to it.
         self.store.pwrite(block_offset, blk)
         self.store.flush()
-        self.store.pwrite(self.table_offset + rt_index * 8, struct.pack(">Q", block_offset))
-        self.store.flush()
-        self.table[rt_index] = block_offset
         self._insert(block_offset, blk)
         if self.on_new_block is not None:
             self.on_new_block(block_offset)
+        if rt_index >= len(self.table):
+            self._grow_table(rt_index, block_offset)
+            return
+        self.store.pwrite(self.table_offset + rt_index * 8, struct.pack(">Q", block_offset))
+        self.store.flush()
+        self.table[rt_index] = block_offset
 
-    def _grow_table(self, needed_index: int) -> None:
+    def _grow_table(self, needed_index: int, new_block_offset: int = 0) -> None:
         """Place new self-describing refblocks and a larger table past the covered area."""
         cs = self.cluster_size
-        blocks_used = max(needed_index + 1, len(self.table))
+        blocks_used = max(needed_index + 1, len(self.table),
+                          -(-((new_block_offset >> self.cluster_bits) + 1) // self.per_block))
         start = blocks_used * self.per_block  # first cluster no existing refblock covers
         _, total_blocks = refcount_metadata_size(start, cs, self.refcount_order, True)
         total_blocks = max(total_blocks, needed_index + 1)
@@ -187,6 +221,8 @@ class Refcounts:
         table_clusters = table_size // per_cluster
         new_table = array("Q", self.table)
         new_table.extend([0] * (table_size - len(new_table)))
+        if new_block_offset:
+            new_table[needed_index] = new_block_offset
         area_index = start >> self.block_bits
         new_blocks = [i for i in range(area_index, total_blocks) if not new_table[i]]
         table_start = start + len(new_blocks)
@@ -291,7 +327,8 @@ class Refcounts:
         first = host_offset >> self.cluster_bits
         last = (host_offset + length - 1) >> self.cluster_bits
         while self._ensure_blocks(first, last - first + 1):
-            pass
+            # update_refcount()'s -EAGAIN: the free-cluster search restarts at the range
+            self.free_cluster_index = min(self.free_cluster_index, first)
         self._update_range(first, last - first + 1, addend)
 
     def queue_decrease(self, host_offset: int, length: int) -> None:

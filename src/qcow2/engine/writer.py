@@ -80,6 +80,8 @@ class WritableQcow2Image(Qcow2Image):
         self._meta_non_l2: set[int] = set()
         # qcow2_alloc_bytes()'s free_byte_offset: where the next compressed cluster is packed
         self.free_byte_offset = 0
+        # host offset after the last cluster the current write request used (_write_impl)
+        self._alloc_hint: int | None = None
         self.lazy_refcounts = bool(h.compatible_features & C.QCOW2_COMPAT_LAZY_REFCOUNTS)
         if self.bitmaps or self.extensions.bitmaps is not None:
             self._drop_bitmaps()
@@ -378,6 +380,10 @@ class WritableQcow2Image(Qcow2Image):
         span = 1 << (cb + self.l2_bits)
         pos = offset
         end = offset + len(view)
+        # Within one request QEMU first tries to allocate right after the host cluster it
+        # used last (qcow2_alloc_clusters_at()), and searches for free space only when that
+        # fails: where the request's clusters land depends on it.
+        self._alloc_hint = None
         while pos < end:
             chunk_end = min(end, (pos // span + 1) * span)
             self._write_in_table(pos, view[pos - offset:chunk_end - offset])
@@ -412,6 +418,7 @@ class WritableQcow2Image(Qcow2Image):
                         break
                     run_end += nn
                 self._write_data(host, view[pos - offset:run_end - offset])
+                self._alloc_hint = (((host + (run_end - pos) - 1) >> cb) + 1) << cb
                 for c in range(pos >> cb, ((run_end - 1) >> cb) + 1):
                     if self.extended_l2:
                         lo = max(pos, c << cb)
@@ -429,6 +436,7 @@ class WritableQcow2Image(Qcow2Image):
                 buf = bytearray(cs)
                 buf[pos & (cs - 1):(pos & (cs - 1)) + n] = view[pos - offset:pos - offset + n]
                 self._write_data(host, memoryview(buf))
+                self._alloc_hint = host + cs
                 table[idx] = e & ~C.QCOW_OFLAG_ZERO
                 self._dirty_l2[l2_off] = table
                 pos += n
@@ -445,7 +453,15 @@ class WritableQcow2Image(Qcow2Image):
                         not self.extended_l2 and _is_zero_alloc_copied(ne)):
                     break
                 run_end += nn
-            self._allocating_write(table, pos, view[pos - offset:run_end - offset])
+            at: int | None = None
+            hint = self._alloc_hint
+            if hint is not None and not self.extended_l2 and not self.has_data_file:
+                ncl = ((run_end - 1) >> cb) - (pos >> cb) + 1
+                k = self.refcounts.alloc_clusters_at(hint, ncl)
+                if k:
+                    at = hint
+                    run_end = min(run_end, ((pos >> cb) + k) << cb)
+            self._allocating_write(table, pos, view[pos - offset:run_end - offset], at)
             self._dirty_l2[l2_off] = table
             pos = run_end
 
@@ -507,7 +523,8 @@ class WritableQcow2Image(Qcow2Image):
                 return
         self._write_data(host, memoryview(buf))
 
-    def _allocating_write(self, table: array[int], offset: int, view: memoryview) -> None:
+    def _allocating_write(self, table: array[int], offset: int, view: memoryview,
+                          host: int | None = None) -> None:
         """Allocate host clusters for the clusters touched by [offset, +len) and write them,
         copying the untouched parts from what the guest currently sees (COW)."""
         cs = self.cluster_size
@@ -523,8 +540,9 @@ class WritableQcow2Image(Qcow2Image):
         if self.has_data_file:
             host = base  # guest offset == host offset in the data file
             self._ensure_data_file_covers(base + ncl * cs)
-        else:
+        elif host is None:
             host = self.refcounts.alloc_clusters(ncl)
+        self._alloc_hint = host + ncl * cs
         head = offset - base
         tail_start = offset + len(view)
         # QEMU's COW fills the whole last cluster, also past the end of the virtual disk

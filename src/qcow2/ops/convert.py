@@ -738,11 +738,15 @@ class _Copier:
         first_sec = 0
         for part in b.parts:
             k = part // SECTOR
+            # Runs are not merged across requests: qemu-img writes each request on its own,
+            # and where a request ends decides how a qcow2 target allocates (a request's
+            # clusters are allocated together, so a refblock lands after them).
+            in_part = len(ranges)
             for first, count in allocated_ranges(flags[first_sec:first_sec + k],
                                                  (b.offset // SECTOR) + first_sec,
                                                  min_sparse, self.alignment):
                 first += first_sec
-                if ranges and ranges[-1][0] + ranges[-1][1] == first:
+                if len(ranges) > in_part and ranges[-1][0] + ranges[-1][1] == first:
                     ranges[-1] = (ranges[-1][0], ranges[-1][1] + count)
                 else:
                     ranges.append((first, count))
