@@ -307,3 +307,25 @@ def test_api(tmp_path: Path) -> None:
     raw.write_bytes(bytes(MiB))
     with pytest.raises(Qcow2Error, match="does not support option amendment"):
         qcow2.amend(str(raw), fmt="raw", size=2 * MiB)
+
+
+def test_persistent_bitmaps_survive_amend(tmp_path: Path) -> None:
+    """Amend writes no guest data, so persistent bitmaps stay (QEMU keeps them too; it also
+    moves their directory, which we do not). A resize drops ours (the writer cannot keep
+    them up to date) and so does a downgrade (v2 cannot hold them consistently)."""
+    def bitmaps(path: Path) -> list[str]:
+        info = json.loads(qemu_img("info", "--output=json", path).stdout)
+        return [b["name"] for b in info["format-specific"]["data"].get("bitmaps", [])]
+
+    src = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", src, "64M")
+    qemu_img("bitmap", "--add", src, "b0")
+    qemu_io(src, "write 0 64k")
+    for opts, kept in [("refcount_bits=8", True), ("lazy_refcounts=on", True),
+                       ("compat=1.1", True), ("size=128M", False), ("compat=0.10", False)]:
+        p = tmp_path / "o.qcow2"
+        shutil.copy(src, p)
+        r = subprocess.run([*OURS, "amend", "-o", opts, str(p)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert bitmaps(p) == (["b0"] if kept else []), opts
+        _check_clean(p)

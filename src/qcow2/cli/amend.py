@@ -87,8 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, progress: Progress) -> int:
-    import qcow2
-
+    from ..engine.open import open_image
     from ..errors import Qcow2Error
     from ..ops.amend import AmendError, amend_image, parse_amend_options
     from ..ops.progress import f32
@@ -103,7 +102,9 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
     if args.cache not in CACHE_MODES:
         return fail(f"Invalid cache option: {args.cache}")
     try:
-        img = qcow2.open(filename, args.fmt, readonly=False, backing_policy="follow")
+        # Amend writes no guest data: persistent bitmaps stay valid (as in QEMU).
+        img = open_image(filename, args.fmt, readonly=False, backing_policy="follow",
+                         keep_bitmaps=True)
     except (Qcow2Error, OSError) as e:
         return fail(open_failure(filename, e))
     try:

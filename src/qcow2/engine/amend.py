@@ -214,6 +214,9 @@ def _amend(img: WritableQcow2Image, opts: AmendOptions, status: StatusCallback |
 
     if new_version < old_version:
         helper.current = _DOWNGRADING
+        if img._bitmaps_kept:
+            # QEMU leaves them in a v2 image, where they can only be inconsistent
+            img._drop_bitmaps()
         _downgrade(img, helper)
 
 

@@ -88,12 +88,15 @@ def open_file(path: str, writable: bool = False) -> FileStore:
 def open_image(path: str, fmt: str | None = None, readonly: bool = True, *,
                snapshot: str | None = None, backing_policy: Policy = "beside",
                open_backing: bool = True, data_file: str | None = None,
-               l2_cache_size: int | None = None, check_mode: bool = False, _depth: int = 0,
+               l2_cache_size: int | None = None, check_mode: bool = False,
+               keep_bitmaps: bool = False, _depth: int = 0,
                _seen: frozenset[str] = frozenset()) -> BlockDevice:
     """Open `path` as qcow2/qcow/raw (probed unless `fmt`), with its backing chain.
 
     check_mode: open as `qemu-img check` does (BDRV_O_CHECK, inherited by the backing chain):
     qcow2 layers skip the snapshot table and may lack a refcount table (read-only only).
+    keep_bitmaps: a writable qcow2 image keeps its persistent bitmaps until the first guest
+    write (amend, which writes no guest data, uses it).
     """
     if fmt is not None and fmt not in FORMATS:
         raise InvalidImageError(f"Unknown driver '{fmt}'")
@@ -107,7 +110,8 @@ def open_image(path: str, fmt: str | None = None, readonly: bool = True, *,
         return _open_store(store, path, fmt, readonly, snapshot=snapshot,
                            backing_policy=backing_policy, open_backing=open_backing,
                            data_file=data_file, l2_cache_size=l2_cache_size, depth=_depth,
-                           seen=_seen | {os.path.realpath(path)}, check_mode=check_mode)
+                           seen=_seen | {os.path.realpath(path)}, check_mode=check_mode,
+                           keep_bitmaps=keep_bitmaps)
     except BaseException:
         store.close()
         raise
@@ -116,7 +120,8 @@ def open_image(path: str, fmt: str | None = None, readonly: bool = True, *,
 def _open_store(store: ByteStore, path: str, fmt: str | None, readonly: bool, *,
                 snapshot: str | None, backing_policy: Policy, open_backing: bool,
                 data_file: str | None, l2_cache_size: int | None, depth: int,
-                seen: frozenset[str], check_mode: bool = False) -> BlockDevice:
+                seen: frozenset[str], check_mode: bool = False,
+                keep_bitmaps: bool = False) -> BlockDevice:
     actual = fmt or probe_format(store)
     dev: BlockDevice
     if actual == "raw":
@@ -137,7 +142,8 @@ def _open_store(store: ByteStore, path: str, fmt: str | None, readonly: bool, *,
         else:
             from .writer import WritableQcow2Image
 
-            img = WritableQcow2Image(store, path, l2_cache_size=l2_cache_size)
+            img = WritableQcow2Image(store, path, l2_cache_size=l2_cache_size,
+                                     keep_bitmaps=keep_bitmaps)
         dev = img
         backing_name = img.backing_file
         backing_fmt = img.backing_format

@@ -45,8 +45,8 @@ KEPT_AUTOCLEAR = C.QCOW2_AUTOCLEAR_DATA_FILE_RAW
 class WritableQcow2Image(Qcow2Image):
     """A qcow2 layer opened read-write."""
 
-    def __init__(self, store: ByteStore, filename: str, *, l2_cache_size: int | None = None
-                 ) -> None:
+    def __init__(self, store: ByteStore, filename: str, *, l2_cache_size: int | None = None,
+                 keep_bitmaps: bool = False) -> None:
         super().__init__(store, filename, readonly=False, l2_cache_size=l2_cache_size)
         # --- dirty open (engine/check.py) -------------------------------------------------
         # A dirty image (lazy refcounts, not closed cleanly) has refcounts that may be too
@@ -83,10 +83,15 @@ class WritableQcow2Image(Qcow2Image):
         # host offset after the last cluster the current write request used (_write_impl)
         self._alloc_hint: int | None = None
         self.lazy_refcounts = bool(h.compatible_features & C.QCOW2_COMPAT_LAZY_REFCOUNTS)
-        if self.bitmaps or self.extensions.bitmaps is not None:
+        # keep_bitmaps (amend): bitmaps stay until the first guest write or resize, which
+        # drops them as any writable open does.
+        has_bitmaps = bool(self.bitmaps or self.extensions.bitmaps is not None)
+        self._bitmaps_kept = has_bitmaps and keep_bitmaps
+        kept = KEPT_AUTOCLEAR | (C.QCOW2_AUTOCLEAR_BITMAPS if self._bitmaps_kept else 0)
+        if has_bitmaps and not keep_bitmaps:
             self._drop_bitmaps()
-        elif h.autoclear_features & ~KEPT_AUTOCLEAR:
-            h.autoclear_features &= KEPT_AUTOCLEAR
+        elif h.autoclear_features & ~kept:
+            h.autoclear_features &= kept
             self.store.pwrite(88, struct.pack(">Q", h.autoclear_features))
             self.store.flush()
 
@@ -108,6 +113,7 @@ class WritableQcow2Image(Qcow2Image):
         h = self.header
         h.autoclear_features &= KEPT_AUTOCLEAR
         self.extensions.bitmaps = None
+        self._bitmaps_kept = False
         cluster0 = encode_header_cluster(h, self.extensions, self.backing_file)
         self.store.pwrite(0, cluster0)
         self.store.flush()
@@ -215,6 +221,8 @@ class WritableQcow2Image(Qcow2Image):
     def _guard(self, fn: Callable[..., None], *args: Any) -> None:
         if self.corrupt:
             raise CorruptImageError("Image is corrupt; cannot be written to", fatal=False)
+        if self._bitmaps_kept:
+            self._drop_bitmaps()
         if self.lazy_refcounts and not self.dirty:
             self._mark_dirty()
         try:

@@ -121,7 +121,8 @@ def amend(path: str, fmt: str | None = None, *, force: bool = False,
     from ..engine.open import open_image
 
     opts = options_from_kwargs(options)
-    img = open_image(path, fmt, readonly=False, backing_policy=backing_policy)
+    img = open_image(path, fmt, readonly=False, backing_policy=backing_policy,
+                     keep_bitmaps=True)
     try:
         amend_image(img, opts, status=status, force=force)
     finally:
