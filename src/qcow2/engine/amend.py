@@ -118,19 +118,11 @@ def amend(img: WritableQcow2Image, opts: AmendOptions, status: StatusCallback | 
           force: bool = False) -> None:
     """Apply `opts` to the open image (qcow2_amend_options). Raises AmendError with
     qemu-img's message; what was done before the failing step stays done, as in QEMU."""
-    if img.corrupt:
-        raise AmendError("Image is corrupt; cannot be written to", errno.EACCES)
-    img.flush()
-    try:
-        _amend(img, opts, status, force)
-    except CorruptImageError as e:
-        if e.fatal and not img.corrupt:
-            img._mark_corrupt()
-        raise
-    finally:
-        img.l2_cache.clear()
-        img._meta_clusters = None
-        img._zlib_cache_key = None
+    from .snapshot import _run
+
+    # the snapshot operations' frame: pending writes flushed first, metadata corruption
+    # found on the way marks the image corrupt, no cached table survives
+    _run(img, lambda: _amend(img, opts, status, force))
 
 
 def _amend(img: WritableQcow2Image, opts: AmendOptions, status: StatusCallback | None,
