@@ -30,21 +30,17 @@ __all__ = ["AmendError", "AmendOptions", "amend", "amend_image", "amend_option_h
            "parse_amend_options"]
 
 # qcow2's amend_opts in QEMU 7.2, in its order (the LUKS options, then the common ones).
+_COMMON = ("size", "compat", "backing_file", "backing_fmt", "data_file", "data_file_raw",
+           "lazy_refcounts", "refcount_bits")
+_CREATE = {d[0]: d for d in _FORMAT_OPTS["qcow2"]}
 AMEND_OPTS: tuple[_OptDesc, ...] = (
     ("encrypt.state", "str", None, "Select new state of affected keyslots (active/inactive)"),
     ("encrypt.keyslot", "num", None, "Select a single keyslot to modify explicitly"),
     ("encrypt.old-secret", "str", None, "Select all keyslots that match this password"),
     ("encrypt.new-secret", "str", None,
      "New secret to set in the matching keyslots. Empty string to erase"),
-    ("encrypt.iter-time", "num", None, "Time to spend in PBKDF in milliseconds"),
-    ("size", "size", None, "Virtual disk size"),
-    ("compat", "str", None, "Compatibility level (v2 [0.10] or v3 [1.1])"),
-    ("backing_file", "str", None, "File name of a base image"),
-    ("backing_fmt", "str", None, "Image format of the base image"),
-    ("data_file", "str", None, "File name of an external data file"),
-    ("data_file_raw", "bool", None, "The external data file must stay valid as a raw image"),
-    ("lazy_refcounts", "bool", None, "Postpone refcount updates"),
-    ("refcount_bits", "num", None, "Width of a reference count entry in bits"),
+    _CREATE["encrypt.iter-time"],
+    *(_CREATE[name] for name in _COMMON),
 )
 _KNOWN_FORMATS = ("qcow2", "qcow", "raw")
 
